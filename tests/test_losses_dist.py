@@ -1,4 +1,5 @@
-"""Two real gloo ranks (CPU processes): `FeatureQueue.enqueue` all-gathers before writing, in rank order.
+"""Two real gloo ranks (CPU processes): `FeatureQueue.enqueue` all-gathers before writing, in rank order, and
+`all_gather_with_grad` gives DDP-correct ITC gradients.
 
 Each rank enqueues its own features and ids; afterwards both ranks' queues must hold rank 0's batch followed by
 rank 1's, the same pointer, and a global batch that does not divide the queue size must fail on both ranks.
@@ -25,6 +26,29 @@ def _feats(rank, step):
     base = 100 * step + 10 * rank
     return (torch.arange(B * D, dtype=torch.float32).view(B, D) + base, -(torch.arange(B * D, dtype=torch.float32).view(B, D) + base),
             torch.arange(B) + base)
+
+
+def _check_itc_grad(rank):
+    """In-batch ITC over the gathered global batch (X-VLM style): each rank's gradient on its own rows, summed over
+    ranks by the gather's backward, must be world_size x the one-process gradient of the global-batch loss (DDP then
+    averages the parameter gradients back to the one-process value)."""
+    from vlnb.losses import ITCLoss, all_gather_with_grad, concat_all_gather
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(3)
+    v_all = F.normalize(torch.randn(WORLD * B, D, generator=g), dim=1)
+    t_all = F.normalize(torch.randn(WORLD * B, D, generator=g), dim=1)
+    ids_all = torch.tensor([0, 1, 1, 2, 3, 0])
+    sl = slice(rank * B, (rank + 1) * B)
+    v, t = v_all[sl].clone().requires_grad_(), t_all[sl].clone().requires_grad_()
+    temp = torch.tensor(0.1)
+    out = ITCLoss()(all_gather_with_grad(v), all_gather_with_grad(t), temp, idx=concat_all_gather(ids_all[sl]))
+    out.loss.backward()
+    v1, t1 = v_all.clone().requires_grad_(), t_all.clone().requires_grad_()
+    ref = ITCLoss()(v1, t1, temp, idx=ids_all)
+    ref.loss.backward()
+    assert torch.allclose(out.loss, ref.loss, atol=1e-6), (out.loss, ref.loss)
+    assert torch.allclose(v.grad, WORLD * v1.grad[sl], atol=1e-6), (v.grad, v1.grad[sl])
+    assert torch.allclose(t.grad, WORLD * t1.grad[sl], atol=1e-6), (t.grad, t1.grad[sl])
 
 
 def _worker(rank, port, out_dir):
@@ -57,6 +81,7 @@ def _worker(rank, port, out_dir):
             raise RuntimeError('expected an AssertionError for queue size 8 and global batch 6')
         except AssertionError as e:
             assert 'global batch size 6' in str(e), e
+        _check_itc_grad(rank)
         open(os.path.join(out_dir, f'ok{rank}'), 'w').write('ok')
     except Exception:
         open(os.path.join(out_dir, f'err{rank}'), 'w').write(traceback.format_exc())
