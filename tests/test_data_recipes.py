@@ -130,6 +130,19 @@ def test_cc3m_mapping_json(tmp_path):
     assert s['missing_images'] == 3 and load(tmp_path / 'o' / 'pretrain_cc3m.json')[0]['image'] == 'x/2.jpg'
 
 
+def test_cc3m_img2dataset_folder(tmp_path):
+    # img2dataset --output_format files: <shard>/<key>.jpg + <shard>/<key>.json (url, caption, key, status); failed downloads have no image
+    d = tmp_path / 'cc3m_imgs' / '00000'; d.mkdir(parents=True)
+    for key, url, ok in [('000000000', 'http://example.org/a/1.jpg', True), ('000000001', 'http://example.org/b/2.jpg', False),
+                         ('000000003', 'http://example.org/d/4.jpg', True)]:
+        (d / f'{key}.json').write_text(json.dumps({'url': url, 'caption': 'x', 'key': key, 'status': 'success' if ok else 'failed_to_download'}))
+        if ok: (d / f'{key}.jpg').write_bytes(b'')
+    s = R.convert_cc3m(FIX / 'cc3m', tmp_path / 'o', mapping=tmp_path / 'cc3m_imgs', image_root=tmp_path / 'cc3m_imgs', image_prefix='cc3m_imgs')
+    recs = load(tmp_path / 'o' / 'pretrain_cc3m.json')
+    assert s['missing_images'] == 2 and [(r['image'], r['image_id']) for r in recs] == [('cc3m_imgs/00000/000000000.jpg', 'cc3m_0'),
+                                                                                        ('cc3m_imgs/00000/000000003.jpg', 'cc3m_3')]
+
+
 def test_sbu_json_and_txt_agree(tmp_path):
     R.convert_sbu(FIX / 'sbu' / 'sbu-captions-all.json', tmp_path / 'a', image_pattern='{basename}')
     R.convert_sbu(FIX / 'sbu' / 'txt', tmp_path / 'b', image_pattern='{basename}')
@@ -172,6 +185,13 @@ def test_refcoco(tmp_path):
     assert val[0]['image'] == 'train2014/COCO_train2014_000000000049.jpg' and val[0]['ref_id'] == 2
     props = load(tmp_path / 'grounding_proposals.json')
     assert props == {'581857': [[100.0, 295.0, 140.0, 180.0], [298.0, 101.0, 121.0, 199.0]], '49': [[11.0, 19.0, 99.0, 82.0]]}
+
+
+def test_refcoco_refer_style_dets(tmp_path):
+    dets = tmp_path / 'dets.json'
+    dets.write_text(json.dumps({'dets': [{'box': [1, 2, 3, 4], 'image_id': 49, 'score': 0.5}]}))
+    R.convert_refcoco(FIX / 'refcoco+', tmp_path / 'o', dets=dets)
+    assert load(tmp_path / 'o' / 'grounding_proposals.json') == {'49': [[1, 2, 3, 4]]}
 
 
 def test_refcoco_albef_style_dets(tmp_path):
@@ -356,3 +376,19 @@ def test_cli(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)['skipped'] == 2 and 'skipped 2 bad record(s)' in r.stderr
     r = run_cli('--help')
     assert r.returncode == 0 and all(n in r.stdout for n in R.RECIPES)
+
+
+def test_documented_commands_parse():
+    "Every `python -m vlnb.data.recipes ...` command in data_recipes/*.md names a real recipe and real flags."
+    import shlex
+    parser, n = R.build_parser(), 0
+    for md in sorted((ROOT / 'data_recipes').glob('*.md')):
+        text = md.read_text(encoding='utf-8').replace('\\\n', ' ')
+        for line in text.splitlines():
+            line = line.strip()
+            if not line.startswith('python -m vlnb.data.recipes') or '<' in line: continue
+            args = shlex.split(line, comments=True)[3:]
+            ns = parser.parse_args(args)  # argparse exits (SystemExit) on an unknown recipe or flag
+            assert ns.dataset in R.RECIPES
+            n += 1
+    assert n >= 10
