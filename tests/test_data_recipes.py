@@ -392,3 +392,24 @@ def test_documented_commands_parse():
             assert ns.dataset in R.RECIPES
             n += 1
     assert n >= 10
+
+
+def test_outputs_load_in_data_core(tmp_path):
+    "Converted records pass the field checks of the task datasets in vlnb.data.core (the loader side of the contract)."
+    C = pytest.importorskip('vlnb.data.core')
+    R.convert_coco(FIX / 'coco', tmp_path / 'coco')
+    R.convert_vqa(FIX / 'vqa', tmp_path / 'vqa', vg_qa=FIX / 'vg' / 'question_answers.json', vg_only_listed=False)
+    R.convert_vg(FIX / 'vg', tmp_path / 'vg'); R.convert_nlvr2(FIX / 'nlvr2', tmp_path / 'nlvr2')
+    R.convert_snli_ve(FIX / 'snli_ve', tmp_path / 've'); R.convert_refcoco(FIX / 'refcoco+', tmp_path / 'ref')
+    cases = [(C.PretrainDataset, 'coco/pretrain_coco.json', 'train', 3), (C.PretrainDataset, 'vg/pretrain_vg.json', 'train', 3),
+             (C.RetrievalDataset, 'coco/retrieval_train.json', 'train', 6), (C.RetrievalDataset, 'coco/retrieval_test.json', 'test', 2),
+             (C.CaptionDataset, 'coco/caption_train.json', 'train', 6), (C.CaptionDataset, 'coco/caption_val.json', 'val', 1),
+             (C.NLVRDataset, 'nlvr2/nlvr_train.json', 'train', 3), (C.VEDataset, 've/ve_train.json', 'train', 3),
+             (C.GroundingDataset, 'ref/grounding_train.json', 'train', 2), (C.GroundingDataset, 'ref/grounding_testB.json', 'test', 1)]
+    for cls, f, split, n in cases:
+        ds = cls(tmp_path / f, image_root=tmp_path / f.split('/')[0], split=split)
+        assert len(ds.records) == n and not ds.skipped, (cls.__name__, f)
+    vqa = C.VQADataset([tmp_path / 'vqa' / 'vqa_train.json', tmp_path / 'vqa' / 'vqa_vg.json'], image_root=tmp_path / 'vqa',
+                       answer_list=tmp_path / 'vqa' / 'answer_list.json', split='train')
+    assert len(vqa.records) == 8
+    assert len(C.VQADataset(tmp_path / 'vqa' / 'vqa_test.json', image_root=tmp_path / 'vqa', split='test').records) == 2
