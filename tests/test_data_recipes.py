@@ -273,6 +273,14 @@ def test_vg_box_outside_image(tmp_path):
     assert s['skipped'] == 1 and [r['image_id'] for r in load(tmp_path / 'o' / 'pretrain_vg.json')] == [1, 10]  # no region left: image dropped
 
 
+def test_cc3m_skip_bad_keeps_row_numbers(tmp_path):
+    "A skipped bad line must not shift the row numbers that name the images ({index}) and the image ids."
+    p = tmp_path / 'Train_GCC-training.tsv'
+    p.write_text('first caption\thttp://a/0.jpg\nno tab here\nthird caption\thttp://a/2.jpg\n')
+    s = R.convert_cc3m(p, tmp_path / 'o', image_pattern='{index}.jpg', skip_bad=True)
+    assert s['skipped'] == 1 and [(r['image'], r['image_id']) for r in load(tmp_path / 'o' / 'pretrain_cc3m.json')] == [('0.jpg', 'cc3m_0'), ('2.jpg', 'cc3m_2')]
+
+
 def test_web_pairs_bad_url_and_lengths(tmp_path):
     p = tmp_path / 'Train_GCC-training.tsv'; p.write_text('a caption\tftp://x/1.jpg\n')
     with pytest.raises(R.BadRecord, match=r"Train_GCC-training\.tsv: record 1 \(line 1\): field 'url'"): R.convert_cc3m(p, tmp_path / 'o')
