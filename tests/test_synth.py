@@ -105,3 +105,16 @@ def test_question_only_baseline_is_weak(default_root):
     n = blind_baseline(default_root, 'nlvr')
     print('statement-only NLVR accuracy (val):', n)
     assert n['accuracy'] <= 0.60
+
+
+def test_data_tour_notebook_runs(tmp_path):
+    "nbs/data_tour.ipynb is a parameterised notebook (the `make demo` default): run it small through papermill."
+    pm = Path(sys.executable).parent / 'papermill'
+    out = tmp_path / 'tour.ipynb'
+    r = subprocess.run([str(pm), '--cwd', str(ROOT / 'nbs'), str(ROOT / 'nbs' / 'data_tour.ipynb'), str(out),
+                        '-p', 'n_images', '60', '-p', 'save_figure', 'False', '-p', 'out_dir', str(tmp_path / 'run')],
+                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE='1'))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert (tmp_path / 'run' / 'synth_samples.png').stat().st_size < 300 * 1024
+    s = json.loads((tmp_path / 'run' / 'summary.json').read_text())
+    assert s['summary']['n_images'] == 60 and 0 <= s['blind']['vqa']['accuracy'] <= 1
