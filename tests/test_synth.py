@@ -121,3 +121,16 @@ def test_data_tour_notebook_runs(tmp_path):
     assert (tmp_path / 'run' / 'synth_samples.png').stat().st_size < 300 * 1024
     s = json.loads((tmp_path / 'run' / 'summary.json').read_text())
     assert s['summary']['n_images'] == 60 and 0 <= s['blind']['vqa']['accuracy'] <= 1
+
+
+def _gen_worker(root):
+    return str(generate(SynthConfig(n_images=30, seed=5), root))
+
+
+def test_concurrent_generate_one_dataset(tmp_path):
+    "Two processes building the same dataset at once (e.g. two ranks): both get the same finished folder."
+    import multiprocessing as mp
+    with mp.get_context('spawn').Pool(2) as pool: roots = pool.map(_gen_worker, [tmp_path / 'ds'] * 2)
+    assert roots[0] == roots[1] and [p.name for p in tmp_path.iterdir()] == ['ds']
+    check_dataset(roots[0])
+    assert dataset_digest(roots[0]) == dataset_digest(generate(SynthConfig(n_images=30, seed=5), tmp_path / 'ref'))
