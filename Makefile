@@ -19,10 +19,11 @@ $(VENV)/.vlnb-installed: settings.ini setup.py pyproject.toml
 install: $(VENV)/.vlnb-installed
 
 # The main job on the embedded synthetic data; writes runs/demo/ (output notebook, config.json, metrics.json, figures).
+DEMO_NB ?= nbs/pretrain.ipynb
 demo: install
 	mkdir -p runs/demo
-	$(VENV)/bin/papermill --cwd nbs $(DEMO_NB) runs/demo/$(notdir $(DEMO_NB)) -p out_dir ../runs/demo $(DEMO_ARGS)
-DEMO_NB ?= nbs/data_tour.ipynb
+	$(VENV)/bin/papermill --cwd nbs $(DEMO_NB) runs/demo/$(notdir $(DEMO_NB)) -p out_dir $(CURDIR)/runs/demo $(DEMO_ARGS)
+	@echo "results: runs/demo/metrics.json, runs/demo/$(notdir $(DEMO_NB)) (executed notebook), runs/demo/loss_curves.png"
 
 # Every notebook (one pytest test each), recipe smoke runs and the subprocess tests.
 test: install
