@@ -20,13 +20,13 @@ from torchvision.transforms import InterpolationMode
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['ALBEF_AUGS', 'PHOTOMETRIC_AUGS', 'CLIP_MEAN', 'CLIP_STD', 'NLVR_LABELS', 'VE_LABELS', 'MAX_LENGTH', 'DataError',
-           'where', 'read_records', 'resolve_image', 'load_image', 'Compose', 'swap_left_right', 'mentions_left_right',
-           'flip_boxes', 'HFlipText', 'crop_resize_boxes', 'kept_fraction', 'Resize', 'RandomResizedCrop', 'apply_aug',
-           'RandomAugment', 'ToTensorNormalize', 'build_transform', 'item_seed', 'RecordDataset', 'PretrainDataset',
-           'RetrievalDataset', 'CaptionDataset', 'answer_weights', 'VQADataset', 'NLVRDataset', 'VEDataset',
-           'GroundingDataset', 'Collate', 'make_collate', 'tokenize_texts', 'dist_info', 'ShardedSampler',
-           'make_loader', 'EpochLoader']
+__all__ = ['ALBEF_AUGS', 'PHOTOMETRIC_AUGS', 'CLIP_MEAN', 'CLIP_STD', 'NLVR_LABELS', 'VE_LABELS', 'MAX_LENGTH', 'IMAGE_KEYS',
+           'DataError', 'where', 'read_records', 'resolve_image', 'load_image', 'Compose', 'swap_left_right',
+           'mentions_left_right', 'flip_boxes', 'HFlipText', 'crop_resize_boxes', 'kept_fraction', 'Resize',
+           'RandomResizedCrop', 'apply_aug', 'RandomAugment', 'ToTensorNormalize', 'build_transform', 'item_seed',
+           'RecordDataset', 'PretrainDataset', 'RetrievalDataset', 'CaptionDataset', 'answer_weights', 'VQADataset',
+           'NLVRDataset', 'VEDataset', 'GroundingDataset', 'Collate', 'make_collate', 'tokenize_texts', 'blind_batch',
+           'dist_info', 'ShardedSampler', 'make_loader', 'EpochLoader']
 
 # %% ../../nbs/03_data.core.ipynb #03fcdce3
 class DataError(ValueError):
@@ -661,6 +661,13 @@ def make_collate(task: str, tokenizer, max_length: int | None = None, **kw) -> C
 def tokenize_texts(tokenizer, texts, max_length: int = 30, padding: str = 'max_length') -> dict:
     "Tokenise a list of texts at once (ALBEF's retrieval evaluation pads every text to `max_length=30`)."
     return tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length, return_tensors='pt')
+
+# %% ../../nbs/03_data.core.ipynb #9d1f9d25
+IMAGE_KEYS = ('image', 'image0', 'image1')
+
+def blind_batch(batch: dict, keys=IMAGE_KEYS) -> dict:
+    "A copy of `batch` with every image tensor under `keys` replaced by zeros (a blank image: the normalisation mean colour)."
+    return {k: (torch.zeros_like(v) if k in keys and isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 # %% ../../nbs/03_data.core.ipynb #e9ff8fd9
 def dist_info(rank=None, world_size=None) -> tuple[int, int]:
