@@ -1,4 +1,4 @@
-"""Parity of vlnb's ALBEF with the official code (github.com/salesforce/ALBEF), and checkpoint round trips.
+"""Parity of vlnb's ALBEF and its fine-tuning tasks with the official code (github.com/salesforce/ALBEF), and checkpoint round trips.
 
 The golden files in tests/golden/ were written by tests/golden/make_albef_golden.py running the official code
 (tests/golden/README.md says how). These tests need only those files: no official code, no second virtualenv.
@@ -19,8 +19,10 @@ from vlnb.losses import HardNegatives, sample_hard_negatives
 from vlnb.methods.albef import ALBEFConfig, albef_config, build_albef
 from vlnb.tasks.retrieval import RetrievalModel
 
+torch.set_num_threads(1)
 GOLDEN = Path(__file__).parent / 'golden'
 PRETRAIN, RETRIEVAL = GOLDEN / 'albef_pretrain_tiny.pth', GOLDEN / 'albef_retrieval_tiny.pth'
+TASK_PRETRAIN, VQA, NLVR, NLVR_TA, VE = (GOLDEN / f'albef_{n}_tiny.pth' for n in ('task_pretrain', 'vqa', 'nlvr', 'nlvr_ta', 've'))
 TOL = 1e-5
 B = 4
 
@@ -333,3 +335,255 @@ def test_command_line(tmp_path):
     main([str(out), str(tmp_path / 'back.pth'), '--to', 'official', '--format', 'albef_retrieval'])
     back, official = read_checkpoint(tmp_path / 'back.pth'), read_checkpoint(RETRIEVAL)
     assert sorted(back) == sorted(official) and all(torch.equal(back[k], official[k]) for k in official)
+
+
+# ---- fine-tuning tasks: VQA, NLVR2 (+ text assignment), SNLI-VE ---------------------------------------------------
+# The task models of make_albef_golden.py use a 12-layer BERT with fusion_layer 6 (their task code hard-codes the
+# bert-base depths) and text width = image width = 8; the official files hold the students (momentum copies left out).
+TASK_VISION = dict(name='vit_base_patch16_224', patch_size=4, embed_dim=8, depth=2, num_heads=2, mlp_ratio=2.0)
+TASK_TEXT = dict(TEXT, hidden_size=8, intermediate_size=16, num_hidden_layers=12, fusion_layer=6, encoder_width=8)
+TASK_RES, TA_RES = 16, 12
+
+
+def task_albef(img_size: int = TASK_RES, seed: int = 0, distill: bool = False):
+    torch.manual_seed(seed)
+    cfg = albef_config('tiny', vision=dict(TASK_VISION, img_size=img_size), text=dict(TASK_TEXT), embed_dim=8, queue_size=16,
+                       distill=distill, **SCHEDULE)
+    return build_albef(cfg)
+
+
+def vocab_tokenizer(vocab):
+    "A BERT tokenizer over the generator's 50-token vocabulary ([PAD] 0, [CLS] 1, [SEP] 2, [MASK] 3, [UNK] 4, w5 ... w49)."
+    from transformers import BertTokenizerFast
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+
+
+def test_task_config_matches_generator(golden):
+    m = golden['meta']
+    assert {k: m['task_vit'][k] for k in ('patch_size', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio')} == \
+           {k: TASK_VISION[k] for k in ('patch_size', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio')}
+    for k in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size', 'fusion_layer',
+              'encoder_width', 'max_position_embeddings', 'hidden_dropout_prob', 'attention_probs_dropout_prob', 'hidden_act'):
+        assert m['task_bert'][k] == TASK_TEXT[k], k
+    assert m['task']['image_res'] == TASK_RES and m['task_pretrain']['image_res'] == TA_RES
+
+
+def test_detect_task_formats(tmp_path):
+    for path, name in ((VQA, 'albef_vqa'), (NLVR, 'albef_nlvr'), (VE, 'albef_ve'), (NLVR_TA, 'albef_nlvr_ta'), (TASK_PRETRAIN, 'albef_pretrain')):
+        assert detect_format(read_checkpoint(path))[0].name == name, path.name
+    # refcoco.pth (perhaps a flat state dict) is model_retrieval's layout: detected as retrieval, also readable by name
+    torch.save(read_checkpoint(RETRIEVAL), tmp_path / 'refcoco_like.pth')
+    flat = tmp_path / 'refcoco_like.pth'
+    assert detect_format(read_checkpoint(flat))[0].name == 'albef_retrieval'
+    a, b = RetrievalModel(tiny_albef(24, seed=1)), RetrievalModel(tiny_albef(24, seed=2))
+    ra, rb = load_pretrained(a, flat), load_pretrained(b, flat, fmt='albef_grounding')
+    assert ra.ok and rb.ok and ra.loaded == rb.loaded
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in ra.loaded)      # the MLM head is left at each model's own init
+
+
+def _vqa_model(golden, seed=0, **kw):
+    from vlnb.tasks.vqa import VQAGenerator
+    m = golden['meta']
+    tok = vocab_tokenizer(m['vocab'])
+    return VQAGenerator(task_albef(seed=seed), m['answers'], tok, first_twice=True, **kw), tok
+
+
+def _check_ranking(gen, g, x, k, what):
+    "vlnb's ranking against their rank_answer: question states, first-token logits, candidates, scores, re-ranked answers."
+    d = {}
+    batch = dict(image=x['image'], input_ids=x['question_ids'], attention_mask=x['question_mask'])
+    with torch.no_grad():
+        states, qmask = gen.question_states(batch)
+        d['question_states'] = close(states, g['question_states'], f'{what}: question states')
+        ids = gen.answer_input_ids
+        start = gen.text_decoder(ids[:1, :1].expand(states.shape[0], 1), encoder_hidden_states=states, encoder_attention_mask=qmask).logits[:, 0]
+        d['start_logits'] = close(start, g['start_logits'], f'{what}: decoder logits after [CLS]')
+        top_ids, scores = gen.rank_answers(states, qmask, k)
+    # candidates: their top-k by first-token probability (recomputed from their logits), scored in that order
+    p_first = g['start_logits'].softmax(-1)[:, x['answer_ids'][:, 1]]
+    ref_ids = p_first.topk(k, dim=1).indices
+    for b in range(states.shape[0]):             # tied first tokens (w9 / w9 w10) may come in either order: match by id
+        ours = dict(zip(top_ids[b].tolist(), scores[b].tolist()))
+        theirs = dict(zip(ref_ids[b].tolist(), g['rank_log_probs'][b].tolist()))
+        assert sorted(ours) == sorted(theirs), f'{what}: question {b} candidates {sorted(ours)} vs official {sorted(theirs)}'
+        d.setdefault('scores', 0.0)
+        d['scores'] = max(d['scores'], max(abs(ours[a] - theirs[a]) for a in ours))
+    assert d['scores'] <= TOL, f'{what}: scores differ by {d["scores"]:.3g}'
+    probs, order = scores.softmax(-1).sort(dim=1, descending=True)
+    assert torch.equal(top_ids.gather(1, order), g['topk_ids']), f'{what}: re-ranked answers {top_ids.gather(1, order).tolist()} vs {g["topk_ids"].tolist()}'
+    d['topk_probs'] = close(probs, g['topk_probs'], f'{what}: re-ranked probabilities')
+    best = gen.predict_batch(batch, k=k)
+    assert best == [gen.answer_list[i] for i in g['topk_ids'][:, 0].tolist()]
+    return d
+
+
+def test_vqa_parity(golden):
+    "vqa.pth's layout through the converter; the answer list tokenised by vlnb as their VQA.py does; ranking as rank_answer."
+    g, x = golden['vqa'], golden['vqa']['inputs']
+    gen, tok = _vqa_model(golden)
+    rep = load_pretrained(gen, VQA)
+    assert rep.ok and rep.format == 'albef_vqa' and rep.root == ''
+    assert {'encoders.vision_proj.weight', 'encoders.itm_head.weight', 'encoders.temp', 'step'} <= set(rep.left_at_init)
+    # vlnb's tokenizer on the answer list == their tokenizer on `answer + '[SEP]'` (theirs adds no [SEP] by itself)
+    assert torch.equal(gen.answer_input_ids, x['answer_ids']) and torch.equal(gen.answer_attention_mask, x['answer_mask'])
+    gen.eval()
+    d = {f'k={golden["meta"]["k_test"]}: {k}': v for k, v in _check_ranking(gen, g['rank'], x, golden['meta']['k_test'], 'vqa').items()}
+    d.update({f'k=all: {k}': v for k, v in _check_ranking(gen, g['rank_all'], x, len(golden['meta']['answers']), 'vqa, all answers').items()})
+    # their score counts the first token twice: official - vlnb(first_twice=False) = log p(first token | [CLS]) exactly
+    gen.first_twice = False
+    with torch.no_grad():
+        states, qmask = gen.question_states(dict(image=x['image'], input_ids=x['question_ids'], attention_mask=x['question_mask']))
+        ids, once = gen.rank_answers(states, qmask, len(golden['meta']['answers']))
+    gen.first_twice = True
+    lp_first = g['rank_all']['start_logits'].log_softmax(-1)[:, x['answer_ids'][:, 1]]
+    ref = g['rank_all']['start_logits'].softmax(-1)[:, x['answer_ids'][:, 1]].topk(len(golden['meta']['answers']), dim=1).indices
+    theirs = {(b, a): v for b in range(3) for a, v in zip(ref[b].tolist(), g['rank_all']['rank_log_probs'][b].tolist())}
+    gap = torch.tensor([[theirs[(b, a)] - once[b, j].item() for j, a in enumerate(ids[b].tolist())] for b in range(3)])
+    d['official - single first token = log p(first)'] = close(gap, lp_first.gather(1, ids), 'official score - log p(first) - log p(rest)')
+    assert lp_first.max() < -0.5          # the doubled term is not negligible here
+    # the training loss: Σ_a weight_a · (token-sum NLL of answer a) / questions (their alpha 0: the student's alone)
+    t = g['train']
+    gen.train()
+    out = gen(dict(image=x['image'], input_ids=x['question_ids'], attention_mask=x['question_mask'], n_answers=t['n_answers'],
+                   answer_input_ids=t['answer_ids'], answer_attention_mask=t['answer_mask'], answer_weights=t['weights']))
+    d['train loss'] = close(out.loss, t['loss'], 'vqa: weighted answer loss')
+    print('vqa max abs diff:', {k: f'{v:.1e}' for k, v in d.items()})
+
+
+def test_vqa_start_from_pretrain(golden):
+    "Their VQA.py start (decoder = embeddings + MLM head + fusion layers of the pre-trained model) == VQAGenerator's init."
+    g, x = golden['vqa'], golden['vqa']['inputs']
+    from vlnb.tasks.vqa import VQAGenerator
+    enc = task_albef()
+    rep = load_pretrained(enc, TASK_PRETRAIN)
+    assert rep.ok and sorted(rep.resized) == ['visual_encoder.pos_embed']          # 3x3 -> 4x4 patches, as their interpolation
+    gen = VQAGenerator(enc, golden['meta']['answers'], vocab_tokenizer(golden['meta']['vocab']), first_twice=True).eval()
+    assert gen.decoder_init['skipped'] == []
+    d = _check_ranking(gen, g['init'], x, golden['meta']['k_test'], 'vqa from pre-training')
+    print('vqa start max abs diff:', {k: f'{v:.1e}' for k, v in d.items()})
+
+
+def _pair_batch(x):
+    return dict(image0=x['image0'], image1=x['image1'], input_ids=x['input_ids'], attention_mask=x['attention_mask'], label=x['targets'])
+
+
+def _fused_cls(model, batch):
+    with torch.no_grad(): return model.fuse(batch)[:, 0]
+
+
+def test_nlvr_parity(golden):
+    from vlnb.tasks.nlvr import build_nlvr_model, cross_kv_tied
+    g, x = golden['nlvr'], golden['nlvr']['inputs']
+    nm = build_nlvr_model(task_albef())
+    rep = load_pretrained(nm, NLVR)
+    assert rep.ok and rep.format == 'albef_nlvr' and rep.left_at_init == ['step']
+    assert cross_kv_tied(nm.text_encoder) and nm.text_encoder.config.num_hidden_layers == 18
+    nm.eval()
+    b = _pair_batch(x)
+    d = {}
+    d['fused cls'] = close(_fused_cls(nm, b), g['finetuned']['cls'], 'nlvr: fused [CLS]')
+    with torch.no_grad(): d['logits'] = close(nm.logits(b), g['finetuned']['logits'], 'nlvr: logits')
+    nm.train()
+    d['train loss'] = close(nm(b).loss, g['train']['loss'], 'nlvr: CE')
+    print('nlvr max abs diff:', {k: f'{v:.1e}' for k, v in d.items()})
+
+
+def test_nlvr_ta_and_start(golden):
+    """pretrain_model_nlvr.pth's layout: text-assignment logits of fixed pairs; then NLVR2 starts from it as their NLVR.py
+    does (position embedding resized to the fine-tuning resolution): fused [CLS] states equal."""
+    from vlnb.tasks.nlvr import build_ta_model, build_nlvr_model
+    import torch.nn.functional as F
+    g = golden['nlvr']
+    ta = build_ta_model(task_albef(TA_RES))
+    rep = load_pretrained(ta, NLVR_TA)
+    assert rep.ok and rep.format == 'albef_nlvr_ta' and {'text_proj.weight', 'text_proj.bias', 'temp'} <= set(rep.dropped)
+    x, t = g['inputs'], g['ta']
+    ta.eval()
+    with torch.no_grad():
+        emb = ta.visual_encoder(t['image'])
+        i0, i1 = t['pairs']
+        h = ta.text_encoder(x['input_ids'], x['attention_mask'], encoder_hidden_states=[emb[i0], emb[i1]], mode='multimodal').last_hidden_state
+        d = dict(ta_logits=close(ta.ta_head(h[:, 0]), t['logits'], 'TA logits'),
+                 image_feat=close(F.normalize(ta.vision_proj(emb[:, 0]), dim=-1), t['image_feat'], 'TA image features'))
+    nm = build_nlvr_model(ta)
+    nm.visual_encoder.set_img_size(TASK_RES)
+    d['start fused cls'] = close(_fused_cls(nm.eval(), _pair_batch(x)), g['init']['cls'], 'nlvr from TA: fused [CLS]')
+    print('nlvr TA max abs diff:', {k: f'{v:.1e}' for k, v in d.items()})
+
+
+def test_ve_parity(golden):
+    from vlnb.tasks.ve import build_ve_model
+    g, x = golden['ve'], golden['ve']['inputs']
+    vm = build_ve_model(task_albef())
+    rep = load_pretrained(vm, VE)
+    assert rep.ok and rep.format == 'albef_ve' and rep.left_at_init == ['step']
+    b = dict(image=x['image'], input_ids=x['input_ids'], attention_mask=x['attention_mask'], label=x['targets'])
+    vm.eval()
+    d = {'fused cls': close(_fused_cls(vm, b), g['finetuned']['cls'], 've: fused [CLS]')}
+    with torch.no_grad(): d['logits'] = close(vm.logits(b), g['finetuned']['logits'], 've: logits')
+    vm.train()
+    d['train loss'] = close(vm(b).loss, g['train']['loss'], 've: CE')
+    enc = task_albef(seed=1)                                  # their VE.py start: the pre-training checkpoint, `bert.` dropped
+    assert load_pretrained(enc, TASK_PRETRAIN).ok
+    d['start fused cls'] = close(_fused_cls(build_ve_model(enc).eval(), b), g['init']['cls'], 've from pre-training: fused [CLS]')
+    print('ve max abs diff:', {k: f'{v:.1e}' for k, v in d.items()})
+
+
+def _task_models(golden, distill=False):
+    from vlnb.tasks.nlvr import build_nlvr_model, build_ta_model
+    from vlnb.tasks.ve import build_ve_model
+    gen, _ = _vqa_model(golden, seed=3, distill=distill) if not distill else (None, None)
+    if distill:
+        from vlnb.tasks.vqa import VQAGenerator
+        gen = VQAGenerator(task_albef(seed=3, distill=True), golden['meta']['answers'], vocab_tokenizer(golden['meta']['vocab']), distill=True)
+    return dict(vqa=(VQA, gen), nlvr=(NLVR, build_nlvr_model(task_albef(seed=3), distill=distill)),
+                ve=(VE, build_ve_model(task_albef(seed=3), distill=distill)), nlvr_ta=(NLVR_TA, build_ta_model(task_albef(TA_RES, seed=3))))
+
+
+def test_task_roundtrips_are_exact(golden):
+    "official -> vlnb -> official gives back each task file: same keys, dtypes and values (the tied K/V pairs under both layers)."
+    for task, (path, model) in _task_models(golden).items():
+        official = read_checkpoint(path)
+        assert load_pretrained(model, path).ok, task
+        back = export_official(model)
+        if task == 'nlvr_ta':    # the TA forward never uses text_proj / temp: vlnb has no place for them, the export lacks them
+            assert {k for k in official if k not in back} == {'text_proj.weight', 'text_proj.bias', 'temp'}
+            official = {k: v for k, v in official.items() if k in back}
+        assert sorted(back) == sorted(official), (task, sorted(set(back) ^ set(official))[:6])
+        for k, v in official.items(): assert back[k].dtype == v.dtype and torch.equal(back[k], v), (task, k)
+
+
+def test_task_momentum_layout(golden):
+    """vlnb's momentum copies export under the official names: each task file's keys plus, for every part their model
+    pairs with a momentum twin (recorded by the generator, which checked it on their full state dict), `<part>_m.*`."""
+    parts = golden['meta']['momentum']
+    for task, (path, model) in _task_models(golden, distill=True).items():
+        if task not in parts: continue
+        official = set(read_checkpoint(path))
+        expect = official | {p + '_m' + k[len(p):] for k in official for p in parts[task] if k.startswith(p + '.')}
+        back = export_official(model)
+        assert set(back) == expect, (task, sorted(set(back) ^ expect)[:6])
+
+
+def test_build_task_models_from_checkpoints(golden):
+    "build_from_checkpoint reads the sizes (NLVR2's 18 layers as 6 + 6 duplicated) and builds the task model, weights loaded."
+    from vlnb.tasks.vqa import VQAGenerator
+    from vlnb.tasks.nlvr import NLVRModel, TextAssignmentModel
+    from vlnb.tasks.ve import VEModel
+    tx = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    for path, cls, g in ((NLVR, NLVRModel, golden['nlvr']), (VE, VEModel, golden['ve'])):
+        model, rep = build_from_checkpoint(path, num_heads=2, text_num_heads=2, text_overrides=tx)
+        assert rep.ok and type(model) is cls and not model.distill
+        x = g['inputs']
+        b = _pair_batch(x) if cls is NLVRModel else dict(image=x['image'], input_ids=x['input_ids'], attention_mask=x['attention_mask'])
+        with torch.no_grad(): close(model.eval().logits(b), g['finetuned']['logits'], f'{cls.__name__} built from the checkpoint')
+    ta, rep = build_from_checkpoint(NLVR_TA, num_heads=2, text_num_heads=2, text_overrides=tx)
+    assert rep.ok and type(ta) is TextAssignmentModel and ta.text_encoder.config.num_hidden_layers == 18
+    with pytest.raises(ValueError, match='answer_list'): build_from_checkpoint(VQA, num_heads=2, text_num_heads=2)
+    m = golden['meta']
+    gen, rep = build_from_checkpoint(VQA, num_heads=2, text_num_heads=2, text_overrides=tx, answer_list=m['answers'],
+                                     tokenizer=vocab_tokenizer(m['vocab']))
+    assert rep.ok and type(gen) is VQAGenerator
+    gen.first_twice = True
+    _check_ranking(gen.eval(), golden['vqa']['rank'], golden['vqa']['inputs'], m['k_test'], 'vqa built from the checkpoint')
