@@ -13,13 +13,17 @@ from vlnb.recipes.common import notebook_parameters, function_defaults, load_jso
 SMALL = {
     'pretrain': dict(n_images=60, max_steps=24, batch_size=8, queue_size=32, k_test=4, log_every=6, lr=5e-4, itc_warmup=8),
     'train_vqa': dict(n_images=60, pretrain_steps=8, max_steps=16, batch_size=8, eval_max_questions=40, log_every=4, lr=1e-3),
+    'train_retrieval': dict(n_images=60, pretrain_steps=8, max_steps=16, batch_size=8, k_test=4, eval_max_images=0, log_every=4, lr=1e-3),
+    'train_grounding': dict(n_images=60, pretrain_steps=8, max_steps=16, batch_size=8, log_every=4, lr=1e-3, n_examples=4),
+    'viz_attention': dict(n_images=60, pretrain_steps=8, finetune_steps=16, batch_size=8, log_every=4, lr=1e-3, n_examples=3),
 }
 
 
 def losses_fell(m: dict):
-    "metrics.json holds `loss_first`/`loss_last`: the pre-training's loss parts (check `loss`) or one loss per trained model (check each)."
+    """metrics.json holds `loss_first`/`loss_last`: the pre-training's loss parts (each `loss_*` must fall; the total is
+    not comparable across the ITC warm-up) or one loss per trained model (each must fall)."""
     first, last = m['loss_first'], m['loss_last']
-    keys = ['loss'] if 'loss' in first else list(first)
+    keys = [k for k in first if k.startswith('loss_')] or list(first)
     for k in keys: assert last[k] < first[k], (k, first, last)
 
 
