@@ -149,7 +149,7 @@ def run_train_retrieval(method='albef', preset='tiny', text_encoder=None, pretra
     if eval_max_images < 0: raise ValueError(f'eval_max_images must be >= 0 (0: all), got {eval_max_images}')
     acc = get_accelerator(mixed_precision=mixed_precision if has_gpu() else 'no')
     run_dir = start_run(params, out_dir) if acc.is_main_process else Path(out_dir)
-    pre = pretrained_model(pretrain_checkpoint, text_encoder, out_dir=str(Path(out_dir) / 'pretrain'), show=show, method=method,
+    pre = pretrained_model(pretrain_checkpoint, text_encoder, show=show, method=method,
                            preset=preset, data_root=data_root, n_images=n_images, image_size=image_size, vocab_size=vocab_size,
                            max_steps=pretrain_steps, seed=seed, mixed_precision=mixed_precision)
     tok = pre['tokenizer']

@@ -83,7 +83,7 @@ def run_train_vqa(method='albef', preset='tiny', text_encoder=None, pretrain_che
     params = {k: v for k, v in locals().items() if k != 'show'}
     acc = get_accelerator(mixed_precision=mixed_precision if has_gpu() else 'no')
     run_dir = start_run(params, out_dir) if acc.is_main_process else Path(out_dir)
-    pre = pretrained_model(pretrain_checkpoint, text_encoder, out_dir=str(Path(out_dir) / 'pretrain'), show=show, method=method,
+    pre = pretrained_model(pretrain_checkpoint, text_encoder, show=show, method=method,
                            preset=preset, data_root=data_root, n_images=n_images, image_size=image_size, vocab_size=vocab_size,
                            max_steps=pretrain_steps, seed=seed, mixed_precision=mixed_precision)
     tok = pre['tokenizer']

@@ -143,7 +143,7 @@ def run_viz_attention(method='albef', preset='tiny', text_encoder=None, pretrain
     if gradcam_layer is not None and not isinstance(gradcam_layer, int): raise ValueError(f'gradcam_layer must be None or a layer index, got {gradcam_layer!r}')
     acc = get_accelerator(mixed_precision=mixed_precision if has_gpu() else 'no')
     run_dir = start_run(params, out_dir) if acc.is_main_process else Path(out_dir)
-    pre = pretrained_model(pretrain_checkpoint, text_encoder, out_dir=str(Path(out_dir) / 'pretrain'), show=show, method=method,
+    pre = pretrained_model(pretrain_checkpoint, text_encoder, show=show, method=method,
                            preset=preset, data_root=data_root, n_images=n_images, image_size=image_size, vocab_size=vocab_size,
                            max_steps=pretrain_steps, seed=seed, mixed_precision=mixed_precision)
     tok = pre['tokenizer']
