@@ -19,11 +19,11 @@ $(VENV)/.vlnb-installed: settings.ini setup.py pyproject.toml
 install: $(VENV)/.vlnb-installed
 
 # The main job on the embedded synthetic data; writes runs/demo/ (output notebook, config.json, metrics.json, figures).
-DEMO_NB ?= nbs/pretrain.ipynb
+DEMO_NB ?= nbs/train_vqa.ipynb
 demo: install
 	mkdir -p runs/demo
 	$(VENV)/bin/papermill --cwd nbs $(DEMO_NB) runs/demo/$(notdir $(DEMO_NB)) -p out_dir $(CURDIR)/runs/demo $(DEMO_ARGS)
-	@echo "results: runs/demo/metrics.json, runs/demo/$(notdir $(DEMO_NB)) (executed notebook), runs/demo/loss_curves.png"
+	@echo "results: runs/demo/metrics.json, runs/demo/$(notdir $(DEMO_NB)) (executed notebook), runs/demo/*.png"
 
 # Every notebook (one pytest test each), recipe smoke runs and the subprocess tests.
 test: install
