@@ -16,6 +16,8 @@ SMALL = {
     'train_retrieval': dict(n_images=60, pretrain_steps=8, max_steps=16, batch_size=8, k_test=4, eval_max_images=0, log_every=4, lr=1e-3),
     'train_grounding': dict(n_images=60, pretrain_steps=8, max_steps=16, batch_size=8, log_every=4, lr=1e-3, n_examples=4),
     'viz_attention': dict(n_images=60, pretrain_steps=8, finetune_steps=16, batch_size=8, log_every=4, lr=1e-3, n_examples=3),
+    'train_nlvr': dict(n_images=60, pretrain_steps=8, ta_steps=64, max_steps=64, batch_size=8, log_every=16, lr=1e-3),
+    'train_ve': dict(n_images=60, pretrain_steps=8, max_steps=64, batch_size=8, log_every=16, lr=1e-3),
 }
 
 
