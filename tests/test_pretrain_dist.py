@@ -162,3 +162,22 @@ def test_queue_after_step1_holds_both_ranks_in_rank_order(run):
         assert (q['idx_queue'][n:] == -100).all()
         # the queue entered into the step-1 state dict on both ranks is the same
         assert torch.equal(ranks[k]['states'][1]['queue.image_queue'], q['image_queue'])
+
+
+def test_recipe_script_two_ranks_with_itc_warmup(tmp_path):
+    """The README's two-rank command on the pre-training recipe itself, with its ITC warm-up on (during the warm-up the
+    fusion layers and ITM/MLM heads get no gradient, which DDP refuses unless told; it crashed at step 2 before)."""
+    from vlnb.recipes.common import load_json
+    out = tmp_path / 'run'
+    cmd = [str(Path(sys.executable).parent / 'accelerate'), 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_free_port()),
+           '-m', 'vlnb.recipes.pretrain', '--n_images', '40', '--batch_size', '4', '--max_steps', '4', '--itc_warmup', '2',
+           '--queue_size', '16', '--vocab_size', '300', '--k_test', '0', '--eval_max_images', '8', '--log_every', '1',
+           '--out_dir', str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE='1', VLNB_CACHE=str(tmp_path / 'cache'), OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='',
+               TOKENIZERS_PARALLELISM='false', PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f'{r.stdout[-3000:]}\n{r.stderr[-6000:]}'
+    m = load_json(out / 'metrics.json')
+    assert m['steps'] == 4, m
+    assert load_json(out / 'config.json')['params']['itc_warmup'] == 2

@@ -8,6 +8,7 @@ import inspect, time
 from pathlib import Path
 import torch
 from fastcore.script import call_parse
+from accelerate import DistributedDataParallelKwargs
 from ..core import get_accelerator, has_gpu, seed_everything
 from .common import synth_root, recipe_tokenizer, recipe_transform, resolve_text_encoder, start_run, finish_run
 from ..data.core import PretrainDataset, RetrievalDataset, build_transform, make_collate, EpochLoader, read_records
@@ -44,7 +45,9 @@ def run_pretrain(method='albef', preset='tiny', text_encoder=None, data_root=Non
                  out_dir='runs/pretrain', show=False) -> dict:
     "Run the pre-training recipe; returns `dict(metrics, run_dir, model, tokenizer, trainer)`."
     params = {k: v for k, v in locals().items() if k != 'show'}
-    acc = get_accelerator(mixed_precision=mixed_precision if has_gpu() else 'no')
+    # during the ITC warm-up the fusion layers and the ITM/MLM heads get no gradient: DDP must be told to expect that
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if itc_warmup > 0 else []
+    acc = get_accelerator(mixed_precision=mixed_precision if has_gpu() else 'no', kwargs_handlers=ddp)
     run_dir = start_run(params, out_dir) if acc.is_main_process else Path(out_dir)
     seed_everything(seed)                                              # every rank builds the same initial model
     root = synth_root(n_images, image_size, seed, data_root)
