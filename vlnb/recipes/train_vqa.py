@@ -75,7 +75,7 @@ def plot_vqa_examples(dataset, predictions: list, blind_predictions: list | None
 
 # %% ../../nbs/train_vqa.ipynb #f175dc7f
 def run_train_vqa(method='albef', preset='tiny', text_encoder=None, pretrain_checkpoint=None, pretrain_steps=600, data_root=None,
-                  n_images=3000, image_size=64, vocab_size=1000, head='classifier', batch_size=32, max_steps=1000, lr=5e-4,
+                  n_images=3000, image_size=64, vocab_size=1000, head='classifier', batch_size=32, max_steps=600, lr=5e-4,
                   weight_decay=0.02, warmup_steps=0.05, min_lr=1e-5, augment='flip', k_test=128, blind_baseline=True,
                   eval_max_questions=1500, n_examples=8, mixed_precision='bf16', num_workers=0, log_every=10, resume=False,
                   seed=0, out_dir='runs/train_vqa', show=False) -> dict:
@@ -132,7 +132,7 @@ def run_train_vqa(method='albef', preset='tiny', text_encoder=None, pretrain_che
 @call_parse
 def main(method: str = 'albef', preset: str = 'tiny', text_encoder: str = None, pretrain_checkpoint: str = None,
          pretrain_steps: int = 600, data_root: str = None, n_images: int = 3000, image_size: int = 64, vocab_size: int = 1000,
-         head: str = 'classifier', batch_size: int = 32, max_steps: int = 1000, lr: float = 5e-4, weight_decay: float = 0.02,
+         head: str = 'classifier', batch_size: int = 32, max_steps: int = 600, lr: float = 5e-4, weight_decay: float = 0.02,
          warmup_steps: float = 0.05, min_lr: float = 1e-5, augment: str = 'flip', k_test: int = 128, blind_baseline: bool = True,
          eval_max_questions: int = 1500, n_examples: int = 8, mixed_precision: str = 'bf16', num_workers: int = 0,
          log_every: int = 10, resume: bool = False, seed: int = 0, out_dir: str = 'runs/train_vqa'):
