@@ -148,11 +148,12 @@ def save_checkpoint(ckpt_root, step: int, model_state: dict, trainer_state: dict
     _save_file(trainer_state, tmp / 'trainer.pt')
     save_json(dict(step=step, **(meta or {})), tmp / 'meta.json')
     _fsync_dir(tmp)
-    if final.exists(): shutil.rmtree(final)     # a re-save of the same step (after a resume)
+    old = root / f'.old-ckpt-{step:08d}-{os.getpid()}'
+    if final.exists(): os.replace(final, old)   # a re-save of the same step (after a resume): renamed away, removed after
     os.replace(tmp, final)
     _fsync_dir(root)
     atomic_write_bytes(final.name.encode(), root / 'latest')
-    for d in root.glob('.tmp-ckpt-*'):          # leftovers of killed saves
+    for d in [*root.glob('.tmp-ckpt-*'), *root.glob('.old-ckpt-*')]:   # leftovers of killed saves, the replaced copy
         shutil.rmtree(d, ignore_errors=True)
     if keep_last:
         for d in list_checkpoints(root)[:-keep_last]: shutil.rmtree(d, ignore_errors=True)
