@@ -120,3 +120,28 @@ def test_recipe_official_checkpoint(tmp_path):
     _, val = retrieval_data(root, 64, eval_max_images=params['eval_max_images'])
     direct = evaluate_retrieval(model, val, tok, k_test=params['k_test'], progress=False)
     assert m['retrieval']['pretrained'] == pytest.approx(direct, abs=1e-9)
+
+
+def test_pretrain_vision_encoder_weights(tmp_path):
+    """vision_encoder = a local ViT state dict (as timm / DeiT save them): the pre-training model's image encoder and its
+    momentum copy start from those weights, the position embedding resized to the recipe's resolution; the cache key of a
+    run without it is unchanged (finished short pre-trainings stay reusable)."""
+    import timm, torch
+    from vlnb.recipes.pretrain import build_model, pretrain_cache_dir, run_pretrain
+    from vlnb.recipes.common import synth_root, recipe_tokenizer
+    from vlnb.models.vision import vision_config
+    from vlnb.text import train_wordpiece
+    kw = {k: v for k, v in vision_config('tiny').items() if k not in ('name', 'img_size')}
+    vit = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=0, img_size=32, **kw)
+    torch.save(vit.state_dict(), tmp_path / 'vit.pth')
+    tok = train_wordpiece(['a red cube', 'two blue spheres'] * 4, vocab_size=60)
+    m = build_model('albef', 'tiny', tok, 64, vision_encoder=str(tmp_path / 'vit.pth'), distill=True)
+    sd = m.visual_encoder.state_dict()
+    name = next(k for k in sd if k.endswith('blocks.0.attn.qkv.weight'))
+    assert torch.equal(sd[name], vit.state_dict()['blocks.0.attn.qkv.weight'])
+    assert torch.equal(m.visual_encoder_m.state_dict()[name], sd[name])
+    pe = next(k for k in sd if k.endswith('pos_embed'))
+    assert sd[pe].shape[1] == 1 + (64 // kw['patch_size']) ** 2 and vit.pos_embed.shape[1] == 1 + (32 // kw['patch_size']) ** 2
+    base = {k: v.default for k, v in __import__('inspect').signature(run_pretrain).parameters.items()}
+    assert pretrain_cache_dir(base) == pretrain_cache_dir({k: v for k, v in base.items() if k != 'vision_encoder'})
+    assert pretrain_cache_dir(dict(base, vision_encoder='vit.pth')) != pretrain_cache_dir(base)

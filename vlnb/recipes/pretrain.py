@@ -23,10 +23,11 @@ __all__ = ['METHODS', 'build_model', 'pretrain_data', 'run_pretrain', 'load_pret
 # %% ../../nbs/pretrain.ipynb #9b5e5cb3
 METHODS = {'albef': build_albef}
 
-def build_model(method: str, preset: str, tokenizer, image_size: int, text_encoder=None, **overrides):
-    "The pre-training model of `method` at `preset`, input resolution `image_size`, optionally with pretrained text weights."
+def build_model(method: str, preset: str, tokenizer, image_size: int, text_encoder=None, vision_encoder=None, **overrides):
+    """The pre-training model of `method` at `preset`, input resolution `image_size`, optionally with pretrained text weights
+    (`text_encoder`) and image-encoder weights (`vision_encoder`: a ViT/DeiT state dict file; its position embedding is resized)."""
     if method not in METHODS: raise ValueError(f'unknown method {method!r}; available: {sorted(METHODS)}')
-    cfg = albef_config(preset, text_weights=resolve_text_encoder(text_encoder), **overrides)
+    cfg = albef_config(preset, text_weights=resolve_text_encoder(text_encoder), vision_checkpoint=vision_encoder, **overrides)
     cfg.vision = dict(cfg.vision, img_size=image_size)
     return METHODS[method](cfg, tokenizer=tokenizer)
 
@@ -38,7 +39,7 @@ def pretrain_data(root, tokenizer, image_size: int, augment: str = 'flip', eval_
     return train, make_collate('pretrain', tokenizer), val
 
 # %% ../../nbs/pretrain.ipynb #85987e4a
-def run_pretrain(method='albef', preset='tiny', text_encoder=None, data_root=None, n_images=3000, image_size=64, vocab_size=1000,
+def run_pretrain(method='albef', preset='tiny', text_encoder=None, vision_encoder=None, data_root=None, n_images=3000, image_size=64, vocab_size=1000,
                  batch_size=32, max_steps=600, lr=1e-3, weight_decay=0.02, warmup_steps=0.05, min_lr=1e-5, temp=0.3,
                  itc_pool='mean', itc_warmup=100, distill=False, queue_size=1024, augment='flip', k_test=16,
                  eval_max_images=200, mixed_precision='bf16', num_workers=0, log_every=10, save_every=0, resume=False, seed=0,
@@ -53,7 +54,7 @@ def run_pretrain(method='albef', preset='tiny', text_encoder=None, data_root=Non
     root = synth_root(n_images, image_size, seed, data_root)
     tok = recipe_tokenizer(root, vocab_size, text_encoder)
     train, collate, val = pretrain_data(root, tok, image_size, augment, eval_max_images, seed)
-    model = build_model(method, preset, tok, image_size, text_encoder, queue_size=queue_size, temp=temp, itc_pool=itc_pool,
+    model = build_model(method, preset, tok, image_size, text_encoder, vision_encoder, queue_size=queue_size, temp=temp, itc_pool=itc_pool,
                         itc_warmup_steps=itc_warmup, distill=distill)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loader = EpochLoader(train, batch_size, shuffle=True, seed=seed, collate_fn=collate, drop_last=True, num_workers=num_workers)
@@ -86,7 +87,8 @@ def run_pretrain(method='albef', preset='tiny', text_encoder=None, data_root=Non
 # %% ../../nbs/pretrain.ipynb #dce0ceb4
 _RUN_KEYS = ('method', 'preset', 'text_encoder', 'data_root', 'n_images', 'image_size', 'vocab_size', 'batch_size', 'max_steps',
              'lr', 'weight_decay', 'warmup_steps', 'min_lr', 'temp', 'itc_pool', 'itc_warmup', 'distill', 'queue_size', 'augment', 'seed')
-_OLD_DEFAULTS = dict(temp=0.07, itc_pool='cls', itc_warmup=0, distill=True)   # runs made before these parameters existed
+_OLD_DEFAULTS = dict(temp=0.07, itc_pool='cls', itc_warmup=0, distill=True, vision_encoder=None)   # runs made before these parameters existed
+_OPT_KEYS = ('vision_encoder',)   # run keys hashed only when set (older cache keys stay valid)
 
 def load_pretrain_run(run_dir) -> dict:
     "Rebuild the model of a finished pre-training run folder and load its latest checkpoint: `dict(model, tokenizer, root, params, metrics)`."
@@ -107,14 +109,15 @@ def pretrain_cache_dir(params: dict) -> Path:
     "The shared cache folder of a short pre-training with these parameters: `cache_dir('pretrain')/<hash of the run keys>`."
     import hashlib, json
     from vlnb.core import cache_dir
-    key = json.dumps({k: params.get(k) for k in _RUN_KEYS}, sort_keys=True, default=str)
+    keys = _RUN_KEYS + tuple(k for k in _OPT_KEYS if params.get(k) is not None)
+    key = json.dumps({k: params.get(k) for k in keys}, sort_keys=True, default=str)
     return cache_dir('pretrain') / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 def _finished_run(d: Path, want: dict) -> bool:
     from vlnb.core import load_json
     if not ((d / 'metrics.json').exists() and (d / 'config.json').exists()): return False
     have = {**_OLD_DEFAULTS, **load_json(d / 'config.json')['params']}
-    return all(have.get(k) == want.get(k) for k in _RUN_KEYS)
+    return all(have.get(k) == want.get(k) for k in _RUN_KEYS + _OPT_KEYS)
 
 def _preset_heads(sd: dict, preset) -> dict:
     """Attention heads have no weights of their own, and `build_from_checkpoint` assumes 64-wide ones (BERT, ViT): where
@@ -169,7 +172,7 @@ def pretrained_model(pretrain_checkpoint=None, text_encoder=None, out_dir=None, 
 
 # %% ../../nbs/pretrain.ipynb #809815af
 @call_parse
-def main(method: str = 'albef', preset: str = 'tiny', text_encoder: str = None, data_root: str = None, n_images: int = 3000,
+def main(method: str = 'albef', preset: str = 'tiny', text_encoder: str = None, vision_encoder: str = None, data_root: str = None, n_images: int = 3000,
          image_size: int = 64, vocab_size: int = 1000, batch_size: int = 32, max_steps: int = 600, lr: float = 1e-3,
          weight_decay: float = 0.02, warmup_steps: float = 0.05, min_lr: float = 1e-5, temp: float = 0.3,
          itc_pool: str = 'mean', itc_warmup: int = 100, distill: bool = False, queue_size: int = 1024,
