@@ -145,3 +145,23 @@ def test_pretrain_vision_encoder_weights(tmp_path):
     base = {k: v.default for k, v in __import__('inspect').signature(run_pretrain).parameters.items()}
     assert pretrain_cache_dir(base) == pretrain_cache_dir({k: v for k, v in base.items() if k != 'vision_encoder'})
     assert pretrain_cache_dir(dict(base, vision_encoder='vit.pth')) != pretrain_cache_dir(base)
+
+
+def test_short_pretraining_beats_untrained(tmp_path, monkeypatch):
+    """150 steps of the pre-training recipe (600 synthetic images, batch 32, the default ITC warm-up of 100 steps) lower
+    the ITC, ITM and MLM losses, and zero-shot ITC retrieval on the val split (60 images, 300 captions) clearly beats
+    the untrained model. Measured here (2 cores): text R@1 1.7 -> 18.3, image R@1 1.7 -> 9.0, r_mean 8.2 -> 37.3."""
+    import torch
+    from vlnb.recipes.pretrain import run_pretrain
+    monkeypatch.setenv('VLNB_CACHE', str(tmp_path / 'cache'))
+    threads = torch.get_num_threads()
+    try: r = run_pretrain(n_images=600, max_steps=150, itc_warmup=100, batch_size=32, eval_max_images=100, k_test=0,
+                          log_every=25, out_dir=str(tmp_path / 'run'))
+    finally: torch.set_num_threads(threads)
+    m = r['metrics']
+    before, after = m['zero_shot_before'], m['zero_shot_after']
+    print('zero-shot before', before, '\nafter', after)
+    for k in ('loss_itc', 'loss_itm', 'loss_mlm'): assert m['loss_last'][k] < m['loss_first'][k], (k, m['loss_first'], m['loss_last'])
+    assert after['txt_r1'] >= 10 and after['txt_r1'] >= 3 * before['txt_r1'], (before, after)
+    assert after['img_r1'] >= 5 and after['img_r1'] >= 2 * before['img_r1'], (before, after)
+    assert after['r_mean'] >= before['r_mean'] + 15, (before, after)
