@@ -126,9 +126,8 @@ def test_pretrain_vision_encoder_weights(tmp_path):
     """vision_encoder = a local ViT state dict (as timm / DeiT save them): the pre-training model's image encoder and its
     momentum copy start from those weights, the position embedding resized to the recipe's resolution; the cache key of a
     run without it is unchanged (finished short pre-trainings stay reusable)."""
-    import timm, torch
+    import inspect, timm, torch
     from vlnb.recipes.pretrain import build_model, pretrain_cache_dir, run_pretrain
-    from vlnb.recipes.common import synth_root, recipe_tokenizer
     from vlnb.models.vision import vision_config
     from vlnb.text import train_wordpiece
     kw = {k: v for k, v in vision_config('tiny').items() if k not in ('name', 'img_size')}
@@ -142,7 +141,7 @@ def test_pretrain_vision_encoder_weights(tmp_path):
     assert torch.equal(m.visual_encoder_m.state_dict()[name], sd[name])
     pe = next(k for k in sd if k.endswith('pos_embed'))
     assert sd[pe].shape[1] == 1 + (64 // kw['patch_size']) ** 2 and vit.pos_embed.shape[1] == 1 + (32 // kw['patch_size']) ** 2
-    base = {k: v.default for k, v in __import__('inspect').signature(run_pretrain).parameters.items()}
+    base = {k: v.default for k, v in inspect.signature(run_pretrain).parameters.items()}
     assert pretrain_cache_dir(base) == pretrain_cache_dir({k: v for k, v in base.items() if k != 'vision_encoder'})
     assert pretrain_cache_dir(dict(base, vision_encoder='vit.pth')) != pretrain_cache_dir(base)
 
