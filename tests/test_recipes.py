@@ -122,7 +122,7 @@ def test_recipe_official_checkpoint(tmp_path):
     assert m['retrieval']['pretrained'] == pytest.approx(direct, abs=1e-9)
 
 
-def test_pretrain_vision_encoder_weights(tmp_path):
+def test_pretrain_vision_encoder_weights(tmp_path, monkeypatch):
     """vision_encoder = a local ViT state dict (as timm / DeiT save them): the pre-training model's image encoder and its
     momentum copy start from those weights, the position embedding resized to the recipe's resolution; the cache key of a
     run without it is unchanged (finished short pre-trainings stay reusable)."""
@@ -144,6 +144,10 @@ def test_pretrain_vision_encoder_weights(tmp_path):
     base = {k: v.default for k, v in inspect.signature(run_pretrain).parameters.items()}
     assert pretrain_cache_dir(base) == pretrain_cache_dir({k: v for k, v in base.items() if k != 'vision_encoder'})
     assert pretrain_cache_dir(dict(base, vision_encoder='vit.pth')) != pretrain_cache_dir(base)
+    from vlnb.models import bert   # a change to the preset's architecture (here its dropout) is a new cache key
+    key = pretrain_cache_dir(base)
+    monkeypatch.setitem(bert._PRESETS, 'tiny', dict(bert._PRESETS['tiny'], hidden_dropout_prob=0.1))
+    assert pretrain_cache_dir(base) != key
 
 
 def test_short_pretraining_beats_untrained(tmp_path, monkeypatch):

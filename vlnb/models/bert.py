@@ -27,6 +27,7 @@ class BertConfig(transformers.BertConfig):
     "transformers' `BertConfig` + `fusion_layer` (first layer with cross-attention) and `encoder_width` (width of the cross-attended states)."
     fusion_layer: int | None = None
     encoder_width: int | None = None
+    cross_init_std: float | None = None   # std of the cross-attention query/key/value weights at init; None = initializer_range
 
     def __post_init__(self, **kwargs):
         if self.fusion_layer is None: self.fusion_layer = self.num_hidden_layers
@@ -35,14 +36,15 @@ class BertConfig(transformers.BertConfig):
 
 _PRESETS = {
     'tiny': dict(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                 fusion_layer=2, max_position_embeddings=512),
+                 fusion_layer=2, max_position_embeddings=512,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, cross_init_std=0.1),
     'base': dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                  fusion_layer=6, encoder_width=768, max_position_embeddings=512),
 }
 
 def bert_config(preset: str = 'tiny', tokenizer=None, **overrides) -> BertConfig:
-    """A `BertConfig` from a preset: 'tiny' (128 wide, 4 layers, 4 heads, fusion at 2; CPU-friendly) or 'base'
-    (bert-base-uncased sizes, fusion at 6 as ALBEF). `tokenizer` sets `vocab_size` and `pad_token_id`; keyword
+    """A `BertConfig` from a preset: 'tiny' (128 wide, 4 layers, 4 heads, fusion at 2; CPU-friendly; no dropout and
+    cross-attention drawn at std 0.1, see below) or 'base' (bert-base-uncased sizes, fusion at 6 as ALBEF). `tokenizer` sets `vocab_size` and `pad_token_id`; keyword
     overrides win over both."""
     if preset not in _PRESETS: raise ValueError(f'unknown preset {preset!r}; choose one of {list(_PRESETS)}')
     kw = dict(_PRESETS[preset])
@@ -357,6 +359,11 @@ class BertModel(_BertBase):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.apply(lambda m: _init_bert_weights(m, config.initializer_range))
+        if config.cross_init_std is not None:   # see `cross_init_std` in the configuration section
+            for layer in self.encoder.layer:
+                if layer.has_cross:
+                    for lin in (layer.crossattention.self.query, layer.crossattention.self.key, layer.crossattention.self.value):
+                        nn.init.normal_(lin.weight, std=config.cross_init_std)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 encoder_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, mode: str = 'multimodal',

@@ -17,8 +17,8 @@ from ..tasks.retrieval import evaluate_retrieval
 from ..train import Trainer, TrainConfig, plot_history
 
 # %% auto #0
-__all__ = ['METHODS', 'build_model', 'pretrain_data', 'run_pretrain', 'load_pretrain_run', 'pretrain_cache_dir',
-           'pretrained_model', 'main']
+__all__ = ['METHODS', 'build_model', 'pretrain_data', 'run_pretrain', 'load_pretrain_run', 'preset_fingerprint',
+           'pretrain_cache_dir', 'pretrained_model', 'main']
 
 # %% ../../nbs/pretrain.ipynb #9b5e5cb3
 METHODS = {'albef': build_albef}
@@ -73,7 +73,7 @@ def run_pretrain(method='albef', preset='tiny', text_encoder=None, vision_encode
         from vlnb.train import read_log
         rows = read_log(run_dir / 'log.jsonl', 'train')
         first, last = rows[0], rows[-1]
-        metrics = dict(method=method, preset=preset, steps=trainer.step, params=n_params, train_seconds=round(train_s, 1),
+        metrics = dict(method=method, preset=preset, model_config=preset_fingerprint(method, preset), steps=trainer.step, params=n_params, train_seconds=round(train_s, 1),
                        samples_per_s=round(trainer.step * batch_size * acc.num_processes / max(train_s, 1e-9), 2),
                        loss_first={k: v for k, v in first.items() if k.startswith('loss')},
                        loss_last={k: v for k, v in last.items() if k.startswith('loss')},
@@ -105,19 +105,34 @@ def load_pretrain_run(run_dir) -> dict:
     metrics = load_json(run_dir / 'metrics.json') if (run_dir / 'metrics.json').exists() else {}
     return dict(model=model, tokenizer=tok, root=root, params=p, metrics=metrics)
 
+def preset_fingerprint(method: str = 'albef', preset: str = 'tiny') -> dict:
+    """What a method's preset builds, as plain JSON: ALBEF's `ALBEFConfig` with its BERT preset spelled out (sizes, dropout,
+    initialisation). It is hashed into the cache key and kept in a run's metrics, so changing a preset never reuses a
+    pre-training made with the old one."""
+    import dataclasses, json
+    from vlnb.models.bert import bert_config
+    if method not in METHODS: raise ValueError(f'unknown method {method!r}; choose one of {list(METHODS)}')
+    try: cfg = dataclasses.asdict(albef_config(preset))
+    except ValueError: return dict(preset=preset)
+    text = bert_config(**cfg['text']).to_diff_dict(); text.pop('transformers_version', None)
+    return json.loads(json.dumps(dict(cfg, text=text), sort_keys=True, default=str))
+
 def pretrain_cache_dir(params: dict) -> Path:
-    "The shared cache folder of a short pre-training with these parameters: `cache_dir('pretrain')/<hash of the run keys>`."
+    """The shared cache folder of a short pre-training with these parameters: `cache_dir('pretrain')/<hash>` of the run
+    keys and the preset's `preset_fingerprint`."""
     import hashlib, json
     from vlnb.core import cache_dir
     keys = _RUN_KEYS + tuple(k for k in _OPT_KEYS if params.get(k) is not None)
-    key = json.dumps({k: params.get(k) for k in keys}, sort_keys=True, default=str)
+    fp = preset_fingerprint(params.get('method', 'albef'), params.get('preset', 'tiny'))
+    key = json.dumps(dict({k: params.get(k) for k in keys}, model_config=fp), sort_keys=True, default=str)
     return cache_dir('pretrain') / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 def _finished_run(d: Path, want: dict) -> bool:
     from vlnb.core import load_json
     if not ((d / 'metrics.json').exists() and (d / 'config.json').exists()): return False
     have = {**_OLD_DEFAULTS, **load_json(d / 'config.json')['params']}
-    return all(have.get(k) == want.get(k) for k in _RUN_KEYS + _OPT_KEYS)
+    same_model = load_json(d / 'metrics.json').get('model_config') == preset_fingerprint(want['method'], want['preset'])
+    return same_model and all(have.get(k) == want.get(k) for k in _RUN_KEYS + _OPT_KEYS)
 
 def _preset_heads(sd: dict, preset) -> dict:
     """Attention heads have no weights of their own, and `build_from_checkpoint` assumes 64-wide ones (BERT, ViT): where
