@@ -11,7 +11,8 @@ Each row trains its model from scratch with no pre-training for the same number 
 - `vit`:    the recipe's tiny ViT on the pixels, from scratch;
 - `blank`:  the same ViT fed a blank image (the blind baseline of the recipe).
 
-It prints the official VQA accuracy, overall and per question type, on the first `--eval-questions` val questions.
+It prints the official VQA accuracy, overall and per question type, on the first `--eval-questions` val questions,
+and writes `config.json` and `metrics.json` (the table's rows) into `--out-dir` (each row's training log below it).
 
     python benchmarks/oracle_vqa.py --quick                        # smoke run (about a minute)
     python benchmarks/oracle_vqa.py                                # 600 steps each: oracle, vit, blank
@@ -24,6 +25,7 @@ import argparse, json, os, time
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import torch, torch.nn as nn
+from vlnb.core import capture_config, save_json
 from vlnb.data.core import make_collate
 from vlnb.data.synth import COLOURS, MATERIALS, SHAPES, SIZES, load_scenes
 from vlnb.metrics import format_table
@@ -121,8 +123,10 @@ def main():
     for r in args.rows:
         t0 = time.perf_counter(); rows.append(run(r, args, root, tok, answers, table))
         print(f'{r}: {rows[-1]["overall"]:.1f} ({time.perf_counter() - t0:.0f} s)', flush=True)
-    cols = list(rows[0])
-    print(format_table(rows, cols, floatfmt='.1f'))
+    print(format_table(rows, list(rows[0]), floatfmt='.1f'))
+    save_json(capture_config(vars(args), args.seed), os.path.join(args.out_dir, 'config.json'))
+    save_json(dict(rows=rows), os.path.join(args.out_dir, 'metrics.json'))
+    print(f"config.json and metrics.json written to {args.out_dir}")
 
 
 if __name__ == '__main__':
