@@ -103,6 +103,7 @@ def load_pretrain_run(run_dir) -> dict:
                         itc_pool=p['itc_pool'], itc_warmup_steps=p['itc_warmup'], distill=p['distill'])
     model.load_state_dict(load_checkpoint(run_dir)['model'])
     metrics = load_json(run_dir / 'metrics.json') if (run_dir / 'metrics.json').exists() else {}
+    _warn_if_preset_changed(run_dir, metrics, p['method'], p['preset'])
     return dict(model=model, tokenizer=tok, root=root, params=p, metrics=metrics)
 
 def preset_fingerprint(method: str = 'albef', preset: str = 'tiny') -> dict:
@@ -116,6 +117,20 @@ def preset_fingerprint(method: str = 'albef', preset: str = 'tiny') -> dict:
     except ValueError: return dict(preset=preset)
     text = bert_config(**cfg['text']).to_diff_dict(); text.pop('transformers_version', None)
     return json.loads(json.dumps(dict(cfg, text=text), sort_keys=True, default=str))
+
+def _warn_if_preset_changed(run_dir, metrics: dict, method: str, preset: str):
+    "A finished run made under another version of its preset (or before runs recorded it) loads, with a warning naming what differs."
+    import warnings
+    if not metrics: return
+    have, want = metrics.get('model_config'), preset_fingerprint(method, preset)
+    if have is None:
+        warnings.warn(f'{run_dir}: made before runs recorded their architecture; its weights are loaded into the current {preset!r} preset')
+    elif have != want:
+        flat = lambda d, pre='': {k2: v2 for k, v in d.items() for k2, v2 in (flat(v, f'{pre}{k}.').items() if isinstance(v, dict) else [(pre + k, v)])}
+        h, w = flat(have), flat(want)
+        diff = {k: (h.get(k), w.get(k)) for k in sorted(set(h) | set(w)) if h.get(k) != w.get(k)}
+        warnings.warn(f'{run_dir}: made with another {preset!r} preset; its weights are loaded into the current one, which differs in '
+                      + ', '.join(f'{k} (run {a!r}, now {b!r})' for k, (a, b) in diff.items()))
 
 def pretrain_cache_dir(params: dict) -> Path:
     """The shared cache folder of a short pre-training with these parameters: `cache_dir('pretrain')/<hash>` of the run
