@@ -86,7 +86,8 @@ def use_oracle_images(ds, index: dict):
 
 def run(row: str, args, root, tok, answers, table) -> dict:
     torch.manual_seed(args.seed)
-    enc = build_model('albef', 'tiny', tok, args.image_size, args.text_encoder, queue_size=1024, temp=0.3, itc_pool='mean')
+    extra = dict(text=dict(preset='tiny', **json.loads(args.bert))) if args.bert else {}
+    enc = build_model('albef', 'tiny', tok, args.image_size, args.text_encoder, queue_size=1024, temp=0.3, itc_pool='mean', **extra)
     train, val = vqa_data(root, answers, args.image_size, 'none' if row == 'oracle' else 'flip', args.eval_questions, args.seed)
     if row == 'oracle':
         enc.visual_encoder = OracleVision(table, enc.visual_encoder.embed_dim)
@@ -95,7 +96,7 @@ def run(row: str, args, root, tok, answers, table) -> dict:
     trainer, secs = fit_task(model, train, make_collate('vqa', tok), os.path.join(args.out_dir, row), batch_size=args.batch_size,
                              max_steps=args.steps, lr=args.lr, min_lr=1e-5, log_every=50, progress=False, seed=args.seed)
     res = evaluate_vqa(trainer.unwrapped_model.eval(), val, progress=False)
-    return dict(vision=row, text=args.text_encoder or 'scratch', steps=args.steps, train_s=secs, overall=100 * res['overall'],
+    return dict(vision=row, text=(args.text_encoder or 'scratch') + (f' {args.bert}' if args.bert else ''), steps=args.steps, lr=f'{args.lr:g}', train_s=secs, overall=100 * res['overall'],
                 **{t: 100 * v for t, v in sorted(res['per_type'].items())})
 
 
@@ -107,6 +108,7 @@ def main():
     ap.add_argument('--batch-size', type=int, default=32)
     ap.add_argument('--eval-questions', type=int, default=600)
     ap.add_argument('--text-encoder', default=None, help="None (tiny BERT from scratch) or 'minilm'")
+    ap.add_argument('--bert', default='', help='JSON overrides of the tiny BERT preset, e.g. \'{"fusion_layer": 1}\' (not with --text-encoder)')
     ap.add_argument('--image-size', type=int, default=64)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
