@@ -11,6 +11,9 @@ Each row trains its model from scratch with no pre-training for the same number 
 - `vit`:    the recipe's tiny ViT on the pixels, from scratch;
 - `blank`:  the same ViT fed a blank image (the blind baseline of the recipe).
 
+The `vit` and `blank` rows train with the recipe's left/right-aware flip. The `oracle` row trains without it,
+because its tokens carry the unflipped positions.
+
 It prints the official VQA accuracy, overall and per question type, on the first `--eval-questions` val questions,
 and writes `config.json` and `metrics.json` (the table's rows) into `--out-dir` (each row's training log below it).
 
@@ -115,6 +118,7 @@ def main():
     ap.add_argument('--out-dir', default='runs/bench_oracle_vqa')
     ap.add_argument('--quick', action='store_true', help='20 steps, 100 questions')
     args = ap.parse_args()
+    if args.bert and args.text_encoder: ap.error('--bert overrides the tiny BERT preset; a --text-encoder brings its own config')
     if args.quick: args.steps, args.eval_questions = 20, 100
     if args.threads: torch.set_num_threads(args.threads)
     root = synth_root(3000, args.image_size, args.seed, None)

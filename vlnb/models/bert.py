@@ -44,8 +44,8 @@ _PRESETS = {
 
 def bert_config(preset: str = 'tiny', tokenizer=None, **overrides) -> BertConfig:
     """A `BertConfig` from a preset: 'tiny' (128 wide, 4 layers, 4 heads, fusion at 2; CPU-friendly; no dropout and
-    cross-attention drawn at std 0.1, see below) or 'base' (bert-base-uncased sizes, fusion at 6 as ALBEF). `tokenizer` sets `vocab_size` and `pad_token_id`; keyword
-    overrides win over both."""
+    cross-attention drawn at std 0.1, see below) or 'base' (bert-base-uncased sizes, fusion at 6 as ALBEF).
+    `tokenizer` sets `vocab_size` and `pad_token_id`; keyword overrides win over both."""
     if preset not in _PRESETS: raise ValueError(f'unknown preset {preset!r}; choose one of {list(_PRESETS)}')
     kw = dict(_PRESETS[preset])
     if tokenizer is not None: kw.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
