@@ -213,6 +213,19 @@ class RunLog:
         rows, self.rows = self.rows, []
         for r in rows: self.append(r)
 
+    def set_aside(self) -> Path | None:
+        "A fresh run in a folder that holds an earlier run's log: move that log to `previous_logs/<n>/` (nothing is lost) and start empty."
+        if self.dir is None: return None
+        old = [self.dir / f for f in ('log.jsonl', 'log.csv', 'eval.csv') if (self.dir / f).exists()]
+        self.rows = []
+        if not old: return None
+        n = 0
+        while (self.dir / 'previous_logs' / str(n)).exists(): n += 1
+        dest = self.dir / 'previous_logs' / str(n); dest.mkdir(parents=True)
+        for f in old: f.rename(dest / f.name)
+        warnings.warn(f'{self.dir} held the log of an earlier run; moved it to {dest}')
+        return dest
+
     def append(self, row: dict):
         row = {k: _plain(v) for k, v in row.items()}
         self.rows.append(row)
@@ -310,6 +323,7 @@ class Trainer:
         self._acc_sums, self._micro, self._samples, self._t_log = {}, 0, 0, None
         self._plot, self._fork_next = None, True
         if cfg.resume: self.resume(cfg.resume)
+        if self.resumed_from is None: self.log.set_aside()   # a fresh run never appends to an earlier run's log
 
     # ---- state -------------------------------------------------------------------------------------------
     def lr(self, step: int | None = None) -> float:
