@@ -164,7 +164,7 @@ def plot_nlvr_examples(dataset, predictions: list, blind_predictions: list | Non
 
 # %% ../../nbs/train_nlvr.ipynb #7d6d2d90
 def run_train_nlvr(method='albef', preset='tiny', text_encoder=None, pretrain_checkpoint=None, pretrain_steps=600, data_root=None,
-                   n_images=3000, image_size=64, vocab_size=1000, ta_steps=100, batch_size=32, max_steps=300, lr=5e-4,
+                   n_images=3000, image_size=64, vocab_size=1000, ta_steps=100, batch_size=32, max_steps=1500, lr=1e-4,
                    weight_decay=0.02, warmup_steps=0.05, min_lr=1e-5, distill=False, alpha=0.4, alpha_warmup_steps=0,
                    augment='flip', blind_baseline=True, eval_split='val', eval_max_examples=1000, n_examples=8,
                    mixed_precision='bf16', num_workers=0, log_every=10, resume=False, seed=0, out_dir='runs/train_nlvr',
