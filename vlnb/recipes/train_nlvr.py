@@ -229,7 +229,7 @@ def run_train_nlvr(method='albef', preset='tiny', text_encoder=None, pretrain_ch
 @call_parse
 def main(method: str = 'albef', preset: str = 'tiny', text_encoder: str = None, pretrain_checkpoint: str = None,
          pretrain_steps: int = 600, data_root: str = None, n_images: int = 3000, image_size: int = 64, vocab_size: int = 1000,
-         ta_steps: int = 100, batch_size: int = 32, max_steps: int = 300, lr: float = 5e-4, weight_decay: float = 0.02,
+         ta_steps: int = 100, batch_size: int = 32, max_steps: int = 1500, lr: float = 1e-4, weight_decay: float = 0.02,
          warmup_steps: float = 0.05, min_lr: float = 1e-5, distill: bool = False, alpha: float = 0.4, alpha_warmup_steps: int = 0,
          augment: str = 'flip', blind_baseline: bool = True, eval_split: str = 'val', eval_max_examples: int = 1000,
          n_examples: int = 8, mixed_precision: str = 'bf16', num_workers: int = 0, log_every: int = 10, resume: bool = False,
