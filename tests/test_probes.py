@@ -1,0 +1,45 @@
+"""The probes in benchmarks/. vit_shape_probe.py reads the right patches: with a 'ViT' whose tokens are the patches' mean pixel colour,
+the frozen colour probe must name the objects' colours, and must not when the labels are shuffled. itm_probe.py's AUC is checked by hand."""
+import sys
+import torch, torch.nn as nn, torch.nn.functional as F
+from conftest import ROOT
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+from vit_shape_probe import load_objects, object_features, linear_probe, reinit
+from itm_probe import roc_auc, shifted
+from vlnb.data.synth import SynthConfig, generate, COLOURS
+
+
+class PatchColour(nn.Module):
+    "Tokens (B, 1 + N, 3): a zero [CLS], then each 8x8 patch's mean normalised pixel (row-major, as a ViT's patches)."
+    def forward(self, x): return torch.cat([x.new_zeros(x.shape[0], 1, 3), F.avg_pool2d(x, 8).flatten(2).transpose(1, 2)], 1)
+
+
+def test_patch_indices_and_colour_probe(tmp_path):
+    root = generate(SynthConfig(n_images=120, image_size=64), tmp_path / 'ds')
+    tr, va = load_objects(root, 'train', 96, 64, 8), load_objects(root, 'val', 12, 64, 8)
+    for _, objs in (tr, va):
+        for row in objs:
+            for centre, box, _, _ in row:
+                assert 1 <= centre <= 64 and centre in box and len(box) <= 16   # the largest (18 px) span at most 4x4 patches
+    C, B, S, K = object_features(PatchColour(), *tr)
+    Cv, Bv, Sv, Kv = object_features(PatchColour(), *va)
+    assert C.shape == (len(S), 3) and B.shape == (len(S), 9)
+    acc = linear_probe(C, K, Cv, Kv, len(COLOURS))
+    assert acc > 85, acc                                              # the centre patch is mostly the object's own colour
+    shuffled = K[torch.randperm(len(K), generator=torch.Generator().manual_seed(0))]
+    assert linear_probe(C, shuffled, Cv, Kv, len(COLOURS)) < 50        # nothing to learn: about chance (1/8 .. majority)
+
+
+def test_reinit_redraws_every_weight():
+    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)); m[1].weight.data.fill_(3.)
+    r = reinit(m)
+    assert not torch.equal(r[0].weight, m[0].weight) and torch.equal(r[1].weight, torch.ones(4))
+    assert torch.equal(m[1].weight, torch.full((4,), 3.))               # the source is left as it was
+
+
+def test_roc_auc_by_hand():
+    # pairs (1,0) (1,1) (2,0) (2,1): three wins and one tie -> (3 + 0.5) / 4
+    test = torch.tensor
+    assert roc_auc(test([1., 2.]), test([0., 1.])) == 0.875
+    assert roc_auc(test([0.]), test([1., 2.])) == 0.0
+    assert torch.equal(shifted(4, 1), test([1, 2, 3, 0]))     # every caption gets another record's image
