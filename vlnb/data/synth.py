@@ -19,8 +19,8 @@ __all__ = ['GENERATOR_VERSION', 'COLOURS', 'SHAPES', 'SIZES', 'MATERIALS', 'ATTR
            'unique_refs', 'article', 'phrase', 'ref_text', 'num_word', 'cap', 'join_and', 'make_captions',
            'make_regions', 'scene_phrases', 'scene_concepts', 'annotate', 'make_questions', 'eval_program', 'make_refs',
            'eval_nlvr', 'make_nlvr', 'make_ve', 'eval_ve', 'answer_space', 'split_of', 'generate', 'load_records',
-           'load_scenes', 'dataset_digest', 'check_dataset', 'words_agree', 'summary', 'vqa_accuracy',
-           'fit_bow_classifier', 'blind_baseline', 'question_only_baseline']
+           'load_scenes', 'dataset_digest', 'check_dataset', 'words_agree', 'extra_ve_records', 'summary',
+           'vqa_accuracy', 'fit_bow_classifier', 'blind_baseline', 'question_only_baseline']
 
 # %% ../../nbs/02_data.synth.ipynb #ac5ac878
 GENERATOR_VERSION = 6
@@ -810,6 +810,27 @@ def words_agree(text: str, p: dict) -> bool:
     t = ' ' + text.lower().replace('?', ' ').replace('.', ' ').replace(',', ' ') + ' '
     ok = lambda v: any(f' {w} ' in t for w in (words_for(v) if v not in dict(NOUNS) or v is None else [x for pair in NOUNS[v] for x in pair]))
     return all(ok(v) for v in _program_words(p))
+
+# %% ../../nbs/02_data.synth.ipynb #eb4b6b1d
+def extra_ve_records(root, per_image: int, split: str = 'train', stream: int = 3) -> list:
+    """`per_image` more SNLI-VE records (`image`, `image_id`, `sentence`, `label`, `program`) for every image of `split`
+    of the synthetic dataset in `root`, drawn from its scene graphs by `make_ve` with `image_rng(seed, index, stream)`."""
+    root = Path(root)
+    if stream < 3: raise ValueError(f'stream {stream} is used by the generator (0: image, 1: texts, 2: NLVR pairs); pick 3 or more')
+    if not (root / 'config.json').exists() or not (root / f'scenes_{split}.json').exists():
+        raise FileNotFoundError(f'{root}: not a synthetic dataset (needs config.json and scenes_{split}.json); '
+                                f'extra hypotheses are drawn from scene graphs')
+    have = json.loads((root / 'config.json').read_text())
+    cfg = SynthConfig(**{f.name: have[f.name] for f in fields(SynthConfig) if f.name in have})
+    out = []
+    for rel, scene in load_scenes(root, split).items():
+        index = int(scene['image_id'].rsplit('_', 1)[1])
+        rng = image_rng(cfg.seed, index, stream); off = int(rng.integers(3))
+        for k in range(per_image):
+            lab = VE_LABELS[(k + off) % 3]; r = make_ve(scene, rng, cfg, lab)
+            if r: out.append(dict(image=rel, image_id=scene['image_id'], sentence=r[0], label=lab, program=r[1]))
+    return out
+
 
 # %% ../../nbs/02_data.synth.ipynb #9ff3d9d4
 def _tokens(s: str) -> list:

@@ -39,11 +39,12 @@ class ALBEFConfig:
 
 ALBEF_PRESETS = {
     'tiny': dict(vision=vision_config('tiny'), text=dict(preset='tiny'), embed_dim=64, queue_size=1024),
+    'tiny_conv': dict(vision=vision_config('tiny_conv'), text=dict(preset='tiny'), embed_dim=64, queue_size=1024),
     'base': dict(vision=vision_config('base'), text=dict(preset='base'), embed_dim=256, queue_size=65536),
 }
 
 def albef_config(preset: str = 'tiny', **overrides) -> ALBEFConfig:
-    "An `ALBEFConfig` from a preset ('tiny' | 'base') with field overrides."
+    "An `ALBEFConfig` from a preset ('tiny' | 'tiny_conv' | 'base') with field overrides."
     if preset not in ALBEF_PRESETS: raise ValueError(f'unknown ALBEF preset {preset!r}; choose one of {list(ALBEF_PRESETS)}')
     kw = copy.deepcopy(ALBEF_PRESETS[preset])
     unknown = set(overrides) - set(ALBEFConfig.__dataclass_fields__)

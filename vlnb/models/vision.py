@@ -15,8 +15,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 # %% auto #0
-__all__ = ['VISION_PRESETS', 'resize_pos_embed', 'VisionOutput', 'VisionEncoder', 'openai_clip_to_timm', 'load_vision_checkpoint',
-           'vision_config', 'grid_features', 'region_features', 'box_geometry', 'RegionEncoder']
+__all__ = ['VISION_PRESETS', 'resize_pos_embed', 'VisionOutput', 'VisionEncoder', 'ConvStem', 'openai_clip_to_timm',
+           'load_vision_checkpoint', 'vision_config', 'grid_features', 'region_features', 'box_geometry',
+           'RegionEncoder']
 
 # %% ../../nbs/11_models.vision.ipynb #9398408d
 def _pair(x) -> tuple:
@@ -80,12 +81,13 @@ class VisionEncoder(nn.Module):
     `pretrained=True` asks timm for hub weights (needs internet); `checkpoint=` loads a local `.pth`, `.pt`,
     `.bin` or `.safetensors` state dict (see `load_vision_checkpoint`), resizing its position embedding when it
     was saved for another image size. `timm_kwargs` override the named architecture (`patch_size`, `embed_dim`,
-    `depth`, `num_heads`, `reg_tokens`, `drop_path_rate`, ...).
+    `depth`, `num_heads`, `reg_tokens`, `drop_path_rate`, ...). `stem='conv'` replaces the linear patch projection
+    by a `ConvStem` (same token grid; see below).
 
     Attributes: `embed_dim`, `grid_size` (H, W) in patches, `num_prefix_tokens` (CLS + registers),
     `num_patches`, `img_size` (H, W), `patch_size` (H, W)."""
     def __init__(self, name: str = 'vit_tiny_patch16_224', img_size=224, pretrained: bool = False, checkpoint=None,
-                 checkpoint_prefix: str = 'auto', **timm_kwargs):
+                 checkpoint_prefix: str = 'auto', stem: str = 'patch', **timm_kwargs):
         super().__init__()
         import timm
         from timm.models.vision_transformer import VisionTransformer
@@ -97,12 +99,16 @@ class VisionEncoder(nn.Module):
             raise TypeError(f'{name!r} builds a {type(m).__name__}; VisionEncoder wraps timm VisionTransformer models only')
         if not isinstance(m.fc_norm, nn.Identity) or isinstance(m.norm, nn.Identity) and kw.get('final_norm', True):
             raise ValueError("the final norm would be moved to the pooled head (fc_norm); do not pass global_pool='avg' or fc_norm=True")
+        if stem not in ('patch', 'conv'): raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        if stem == 'conv':
+            pe = m.patch_embed
+            pe.proj = ConvStem(pe.proj.in_channels, m.embed_dim, pe.patch_size)
         for n in _TRUNK: self.add_module(n, getattr(m, n))
         for n in ('cls_token', 'reg_token', 'pos_embed'):
             p = getattr(m, n)
             if p is None: setattr(self, n, None)
             else: self.register_parameter(n, p)
-        self.name, self.no_embed_class = name, m.no_embed_class
+        self.name, self.stem, self.no_embed_class = name, stem, m.no_embed_class
         self.num_prefix_tokens, self.embed_dim = m.num_prefix_tokens, m.embed_dim
         self.grad_checkpointing = False
         if checkpoint is not None: load_vision_checkpoint(self, checkpoint, prefix=checkpoint_prefix)
@@ -208,6 +214,28 @@ class VisionEncoder(nn.Module):
         return region_features(tokens, boxes, self.img_size, self.grid_size, self.num_prefix_tokens, mode=mode,
                                box_mask=box_mask, roi_output_size=roi_output_size)
 
+# %% ../../nbs/11_models.vision.ipynb #8d84ceee
+class ConvStem(nn.Module):
+    """Stride-2 3×3 convolutions (BatchNorm, GELU) then a 1×1 convolution: (B, C, H, W) → (B, D, H/p, W/p), in place of
+    a ViT's p×p patch projection. Layer k of n = log2(p) has width D / 2^(n-1-k); the receptive field of one output
+    token is 2^(n+1) − 1 px (15 px for p = 8), against p px for the linear projection."""
+    def __init__(self, in_chans: int = 3, embed_dim: int = 128, patch_size=8):
+        super().__init__()
+        ph, pw = _pair(patch_size)
+        n = int(round(math.log2(ph)))
+        if ph != pw or ph < 2 or 2 ** n != ph: raise ValueError(f'ConvStem needs a square power-of-two patch size, got {patch_size}')
+        widths = [max(embed_dim // 2 ** (n - 1 - k), 8) for k in range(n)]
+        layers, c = [], in_chans
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.GELU()]
+            c = w
+        layers.append(nn.Conv2d(c, embed_dim, 1))
+        self.layers = nn.Sequential(*layers)
+        self.patch_size, self.widths = (ph, pw), widths
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.layers(x)
+
+
 # %% ../../nbs/11_models.vision.ipynb #7e315459
 _PREFIXES = ('', 'visual_encoder.', 'vision_encoder.', 'visual.trunk.', 'module.', 'vit.')
 _HEAD_KEYS = ('head.', 'fc_norm.', 'attn_pool.', 'head_drop.')
@@ -252,14 +280,17 @@ def load_vision_checkpoint(encoder: VisionEncoder, src, prefix: str = 'auto', st
             sd, prefix = openai_clip_to_timm(sd, p), ''
             break
     if prefix == 'auto':
-        found = [p for p in _PREFIXES if p + 'patch_embed.proj.weight' in sd]
+        probe = next(k for k in encoder.state_dict() if k.startswith('patch_embed.'))   # 'patch_embed.proj.weight' unless a conv stem
+        found = [p for p in _PREFIXES if p + probe in sd]
         if not found:
             raise KeyError(f'{src if not isinstance(src, dict) else "state dict"}: no ViT weights found (looked for '
-                           f'patch_embed.proj.weight under prefixes {list(_PREFIXES)}); pass prefix=')
+                           f'{probe} under prefixes {list(_PREFIXES)}); pass prefix=')
         prefix = found[0]
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_KEYS)}
     w = sd.get('patch_embed.proj.weight')
+    if w is not None and isinstance(encoder.patch_embed.proj, ConvStem):
+        raise ValueError('the checkpoint has a linear patch projection (patch_embed.proj.weight); this encoder has a conv stem')
     if w is not None and tuple(w.shape) != tuple(encoder.patch_embed.proj.weight.shape):
         raise ValueError(f'patch_embed.proj.weight {tuple(w.shape)} in the checkpoint vs {tuple(encoder.patch_embed.proj.weight.shape)} '
                          f'in the model: different patch size or width')
@@ -273,6 +304,7 @@ def load_vision_checkpoint(encoder: VisionEncoder, src, prefix: str = 'auto', st
 # %% ../../nbs/11_models.vision.ipynb #98ef1616
 VISION_PRESETS = {
     'tiny': dict(name='vit_tiny_patch16_224', img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=2),
+    'tiny_conv': dict(name='vit_tiny_patch16_224', img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=2, stem='conv'),
     'tiny_clip': dict(name='vit_base_patch16_clip_224', img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=2),
     'base': dict(name='vit_base_patch16_224', img_size=256),
     'base_384': dict(name='vit_base_patch16_224', img_size=384),

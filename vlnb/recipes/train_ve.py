@@ -13,16 +13,21 @@ from .common import synth_root, recipe_transform, start_run, finish_run
 from .pretrain import pretrained_model
 from .train_nlvr import fit_classifiers, classification_summary, class_table, plot_confusions, plot_loss_curves
 from ..data.core import build_transform, make_collate, read_records, VEDataset
+from ..data.synth import extra_ve_records
 from ..tasks.ve import build_ve_model, predict_ve, VE_CLASSES
 
 # %% auto #0
 __all__ = ['ve_data', 'plot_ve_examples', 'run_train_ve', 'main']
 
 # %% ../../nbs/train_ve.ipynb #7057d975
-def ve_data(root, image_size: int, augment: str = 'flip', eval_split: str = 'val', eval_max_examples: int | None = None, seed: int = 0):
-    "`(train, eval)` SNLI-VE datasets under `root` (`ve_train.json`, `ve_<eval_split>.json`)."
+def ve_data(root, image_size: int, augment: str = 'flip', eval_split: str = 'val', eval_max_examples: int | None = None, seed: int = 0,
+            extra_hypotheses: int = 0):
+    """`(train, eval)` SNLI-VE datasets under `root` (`ve_train.json`, `ve_<eval_split>.json`); `extra_hypotheses` more
+    training hypotheses per image drawn from the synthetic scene graphs (`extra_ve_records`; the eval split is unchanged)."""
     if eval_split not in ('val', 'test'): raise ValueError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
-    train = VEDataset(Path(root) / 've_train.json', root, recipe_transform(augment, image_size, 've'), seed=seed)
+    recs = read_records(Path(root) / 've_train.json')
+    if extra_hypotheses: recs = recs + extra_ve_records(root, extra_hypotheses, 'train')
+    train = VEDataset(recs, root, recipe_transform(augment, image_size, 've'), seed=seed)
     recs = read_records(Path(root) / f've_{eval_split}.json')[:eval_max_examples]
     return train, VEDataset(recs, root, build_transform('val', image_size), split=eval_split)
 
@@ -46,7 +51,7 @@ def plot_ve_examples(dataset, predictions: list, blind_predictions: list | None 
 
 # %% ../../nbs/train_ve.ipynb #108ab9b6
 def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_checkpoint=None, pretrain_steps=600, data_root=None,
-                 n_images=3000, image_size=64, vocab_size=1000, batch_size=32, max_steps=500, lr=5e-4, weight_decay=0.02,
+                 n_images=3000, image_size=64, vocab_size=1000, extra_hypotheses=0, batch_size=32, max_steps=500, lr=5e-4, weight_decay=0.02,
                  warmup_steps=0.05, min_lr=1e-5, distill=False, alpha=0.4, alpha_warmup_steps=0, augment='flip',
                  blind_baseline=True, eval_split='val', eval_max_examples=1000, n_examples=8, mixed_precision='bf16',
                  num_workers=0, log_every=10, resume=False, seed=0, out_dir='runs/train_ve', show=False) -> dict:
@@ -59,7 +64,7 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
                            max_steps=pretrain_steps, seed=seed, mixed_precision=mixed_precision)
     tok = pre['tokenizer']
     root = synth_root(n_images, image_size, seed, data_root)
-    train, val = ve_data(root, image_size, augment, eval_split, eval_max_examples, seed)
+    train, val = ve_data(root, image_size, augment, eval_split, eval_max_examples, seed, extra_hypotheses)
     names = ['ve', 'blind'] if blind_baseline else ['ve']
     fc = fit_classifiers(lambda blind: build_ve_model(pre['model'], distill=distill, alpha=alpha, alpha_warmup_steps=alpha_warmup_steps, blind=blind),
                          train, val, make_collate('ve', tok), tok, predict_ve, VE_CLASSES, run_dir, names,
@@ -93,6 +98,7 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
 @call_parse
 def main(method: str = 'albef', preset: str = 'tiny', text_encoder: str = None, pretrain_checkpoint: str = None,
          pretrain_steps: int = 600, data_root: str = None, n_images: int = 3000, image_size: int = 64, vocab_size: int = 1000,
+         extra_hypotheses: int = 0,
          batch_size: int = 32, max_steps: int = 500, lr: float = 5e-4, weight_decay: float = 0.02, warmup_steps: float = 0.05,
          min_lr: float = 1e-5, distill: bool = False, alpha: float = 0.4, alpha_warmup_steps: int = 0, augment: str = 'flip',
          blind_baseline: bool = True, eval_split: str = 'val', eval_max_examples: int = 1000, n_examples: int = 8,
