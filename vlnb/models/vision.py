@@ -281,7 +281,7 @@ def load_vision_checkpoint(encoder: VisionEncoder, src, prefix: str = 'auto', st
             break
     if prefix == 'auto':
         probe = next(k for k in encoder.state_dict() if k.startswith('patch_embed.'))   # 'patch_embed.proj.weight' unless a conv stem
-        found = [p for p in _PREFIXES if p + probe in sd]
+        found = [p for p in _PREFIXES if p + probe in sd or p + 'patch_embed.proj.weight' in sd]
         if not found:
             raise KeyError(f'{src if not isinstance(src, dict) else "state dict"}: no ViT weights found (looked for '
                            f'{probe} under prefixes {list(_PREFIXES)}); pass prefix=')

@@ -18,8 +18,9 @@ from ..tasks.nlvr import build_nlvr_model, build_ta_model, predict_nlvr, classif
 from ..metrics import format_table
 
 # %% auto #0
-__all__ = ['fit_classifiers', 'classification_summary', 'class_table', 'plot_loss_curves', 'plot_confusions', 'nlvr_data',
-           'TACollate', 'ta_data', 'evaluate_ta', 'plot_nlvr_examples', 'run_train_nlvr', 'main']
+__all__ = ['fit_classifiers', 'classification_summary', 'class_table', 'plot_loss_curves', 'plot_confusions', 'accuracy_by_group',
+           'plot_accuracy_by_group', 'nlvr_data', 'TACollate', 'ta_data', 'evaluate_ta', 'plot_nlvr_examples',
+           'run_train_nlvr', 'main']
 
 # %% ../../nbs/train_nlvr.ipynb #25cb6a6c
 def fit_classifiers(build_model, train, val, collate, tokenizer, predict, class_names, run_dir, names=('model', 'blind'),
@@ -92,6 +93,38 @@ def plot_confusions(results: dict, class_names, path=None):
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=100, bbox_inches='tight')
     return fig
+
+# %% ../../nbs/train_nlvr.ipynb #aed42ace
+def accuracy_by_group(predictions: dict, records: list, group) -> dict:
+    """{model: {group: dict(acc=%, n=count)}} from `predictions` ({model: [dict(index, pred, label), ...]}, the
+    `predictions.json` of `fit_classifiers`) and the evaluation `records`; `group(record)` names a record's group, or
+    returns None to leave it out."""
+    out = {}
+    for name, preds in predictions.items():
+        tally = {}
+        for p in preds:
+            g = group(records[p['index']])
+            if g is None: continue
+            right, n = tally.get(g, (0, 0)); tally[g] = (right + (p['pred'] == p['label']), n + 1)
+        out[name] = {g: dict(acc=round(100 * r / n, 2), n=n) for g, (r, n) in sorted(tally.items())}
+    return out
+
+def plot_accuracy_by_group(by_group: dict, path=None, ylabel: str = 'accuracy (%)'):
+    "Grouped bars of `accuracy_by_group` output, one colour per model, the group sizes under the names."
+    import matplotlib.pyplot as plt
+    groups = sorted({g for v in by_group.values() for g in v})
+    fig, ax = plt.subplots(figsize=(0.9 * len(groups) + 2.5, 3.4))
+    w = 0.8 / max(len(by_group), 1)
+    for i, (name, v) in enumerate(by_group.items()):
+        ax.bar([j + i * w for j in range(len(groups))], [v.get(g, {}).get('acc', 0.0) for g in groups], w, label=name)
+    n = {g: next((v[g]['n'] for v in by_group.values() if g in v), 0) for g in groups}
+    ax.set_xticks([j + w * (len(by_group) - 1) / 2 for j in range(len(groups))], [f'{g}\n(n={n[g]})' for g in groups],
+                  rotation=40, ha='right', fontsize=7)
+    ax.set_ylabel(ylabel); ax.set_ylim(0, 100); ax.legend(fontsize=8); ax.grid(axis='y', alpha=.3)
+    fig.tight_layout()
+    if path is not None: fig.savefig(path, dpi=100, bbox_inches='tight')
+    return fig
+
 
 # %% ../../nbs/train_nlvr.ipynb #c09770c9
 def nlvr_data(root, image_size: int, augment: str = 'flip', eval_split: str = 'val', eval_max_examples: int | None = None, seed: int = 0):

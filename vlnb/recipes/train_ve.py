@@ -11,13 +11,14 @@ from fastcore.script import call_parse
 from ..core import get_accelerator, has_gpu
 from .common import synth_root, recipe_transform, start_run, finish_run
 from .pretrain import pretrained_model
-from .train_nlvr import fit_classifiers, classification_summary, class_table, plot_confusions, plot_loss_curves
+from .train_nlvr import (fit_classifiers, classification_summary, class_table, plot_confusions, plot_loss_curves,
+                                     accuracy_by_group, plot_accuracy_by_group)
 from ..data.core import build_transform, make_collate, read_records, VEDataset
 from ..data.synth import extra_ve_records
 from ..tasks.ve import build_ve_model, predict_ve, VE_CLASSES
 
 # %% auto #0
-__all__ = ['ve_data', 'plot_ve_examples', 'run_train_ve', 'main']
+__all__ = ['ve_data', 've_statement_kind', 'plot_ve_examples', 'run_train_ve', 'main']
 
 # %% ../../nbs/train_ve.ipynb #7057d975
 def ve_data(root, image_size: int, augment: str = 'flip', eval_split: str = 'val', eval_max_examples: int | None = None, seed: int = 0,
@@ -30,6 +31,11 @@ def ve_data(root, image_size: int, augment: str = 'flip', eval_split: str = 'val
     train = VEDataset(recs, root, recipe_transform(augment, image_size, 've'), seed=seed)
     recs = read_records(Path(root) / f've_{eval_split}.json')[:eval_max_examples]
     return train, VEDataset(recs, root, build_transform('val', image_size), split=eval_split)
+
+def ve_statement_kind(record: dict) -> str | None:
+    "A synthetic hypothesis' program and true label, e.g. 'exist / contradiction'; None for records without a `program`."
+    p = record.get('program')
+    return f"{p['op']} / {record['label']}" if isinstance(p, dict) and 'op' in p else None
 
 def plot_ve_examples(dataset, predictions: list, blind_predictions: list | None = None, n: int = 8, path=None):
     "A grid of images with the hypothesis, the prediction (green: right), the blind prediction and the truth."
@@ -84,11 +90,14 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
                        **classification_summary(results, VE_CLASSES), eval_split=eval_split,
                        bow_accuracy=round(100 * bow, 2), pretrain_zero_shot=pre['metrics'].get('zero_shot_after'))
         if 'blind' in results: metrics['gain_over_blind'] = round(metrics['accuracy']['ve'] - metrics['accuracy']['blind'], 2)
+        all_preds = {k: json.loads((run_dir / k / 'predictions.json').read_text()) for k in results}
+        by_kind = accuracy_by_group(all_preds, val.records, ve_statement_kind)
+        if any(by_kind.values()): metrics['per_statement'] = by_kind
         finish_run(run_dir, metrics)
         figs = [plot_loss_curves(run_dir, names, run_dir / 'loss_curves.png'),
                 plot_confusions(results, VE_CLASSES, run_dir / 'confusion.png')]
-        preds = json.loads((run_dir / 've' / 'predictions.json').read_text())
-        bpreds = json.loads((run_dir / 'blind' / 'predictions.json').read_text()) if 'blind' in results else None
+        if any(by_kind.values()): figs.append(plot_accuracy_by_group(by_kind, run_dir / 'accuracy_by_statement.png'))
+        preds, bpreds = all_preds['ve'], all_preds.get('blind')
         figs.append(plot_ve_examples(val, preds, bpreds, n_examples, run_dir / 'examples.png'))
         if not show:
             for f in figs: plt.close(f)
