@@ -17,7 +17,7 @@ SMALL = {
     'train_grounding': dict(n_images=60, pretrain_steps=8, max_steps=16, batch_size=8, log_every=4, lr=1e-3, n_examples=4),
     'viz_attention': dict(n_images=60, pretrain_steps=8, finetune_steps=16, batch_size=8, log_every=4, lr=1e-3, n_examples=3),
     'train_nlvr': dict(n_images=60, pretrain_steps=8, ta_steps=64, max_steps=64, batch_size=8, log_every=16, lr=1e-3),
-    'train_ve': dict(n_images=60, pretrain_steps=8, max_steps=64, batch_size=8, log_every=16, lr=1e-3),
+    'train_ve': dict(n_images=60, pretrain_steps=8, max_steps=64, batch_size=8, log_every=16, lr=1e-3, extra_hypotheses=2),
 }
 
 
@@ -53,6 +53,9 @@ def test_recipe_runs(nb, tmp_path):
     losses_fell(m)
     assert (run / 'loss_curves.png').exists()
     assert (tmp_path / f'{nb}.ipynb').exists()
+    if nb == 'train_ve':   # per-statement accuracy: every scored hypothesis falls in one kind
+        kinds = m['per_statement']['ve']
+        assert sum(v['n'] for v in kinds.values()) == m['n_eval'] and (run / 'accuracy_by_statement.png').exists()
 
 
 def _minilm_dir():
