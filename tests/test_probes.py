@@ -1,5 +1,6 @@
 """The probes in benchmarks/. vit_shape_probe.py reads the right patches: with a 'ViT' whose tokens are the patches' mean pixel colour,
-the frozen colour probe must name the objects' colours, and must not when the labels are shuffled. itm_probe.py's AUC is checked by hand."""
+the frozen colour probe must name the objects' colours, and must not when the labels are shuffled. itm_probe.py's AUC is checked by hand,
+and oracle_vqa.py's scene-graph tokens against each record's own scene."""
 import sys
 import torch, torch.nn as nn, torch.nn.functional as F
 from conftest import ROOT
@@ -43,3 +44,26 @@ def test_roc_auc_by_hand():
     assert roc_auc(test([1., 2.]), test([0., 1.])) == 0.875
     assert roc_auc(test([0.]), test([1., 2.])) == 0.0
     assert torch.equal(shifted(4, 1), test([1, 2, 3, 0]))     # every caption gets another record's image
+
+
+def test_oracle_tokens_follow_the_records_scene(tmp_path):
+    "oracle_vqa.py's VE path: each hypothesis' oracle row holds exactly its own image's objects (shape ids, centres)."
+    from oracle_vqa import scene_table, use_oracle_images, OracleVision, MAX_OBJECTS
+    from vlnb.data.synth import SHAPES, load_scenes
+    from vlnb.recipes.train_ve import ve_data
+    root = generate(SynthConfig(n_images=60, image_size=64), tmp_path / 'ds')
+    table = scene_table(root, 64)
+    train, val = ve_data(root, 64, 'none', 'val', 20, 0, extra_hypotheses=1)
+    scenes = {**load_scenes(root, 'train'), **load_scenes(root, 'val')}
+    for ds in (train, val):
+        use_oracle_images(ds, table['index'])
+        for i in (0, len(ds) - 1):
+            row = int(ds[i]['image'].item())
+            objs = scenes[ds.records[i]['image']]['objects']
+            n = len(objs)
+            assert [SHAPES[k - 1] for k in table['attrs'][row, 1:n + 1, 0].tolist()] == [o['shape'] for o in objs]
+            assert table['mask'][row].tolist() == [1.] * (n + 1) + [0.] * (MAX_OBJECTS - n)
+            assert torch.allclose(table['centres'][row, 1:n + 1], torch.tensor([o['centre'] for o in objs], dtype=torch.float) / 64)
+    tokens = OracleVision(table, 16)(torch.tensor([[float(table['index'][val.records[0]['image']])]]))
+    n = len(scenes[val.records[0]['image']]['objects'])
+    assert tokens.shape == (1, MAX_OBJECTS + 1, 16) and tokens[0, n + 1:].abs().sum() == 0 and tokens[0, 1:n + 1].abs().sum(-1).min() > 0   # [CLS] starts at zero
