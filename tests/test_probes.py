@@ -67,3 +67,23 @@ def test_oracle_tokens_follow_the_records_scene(tmp_path):
     tokens = OracleVision(table, 16)(torch.tensor([[float(table['index'][val.records[0]['image']])]]))
     n = len(scenes[val.records[0]['image']]['objects'])
     assert tokens.shape == (1, MAX_OBJECTS + 1, 16) and tokens[0, n + 1:].abs().sum() == 0 and tokens[0, 1:n + 1].abs().sum(-1).min() > 0   # [CLS] starts at zero
+    blank = OracleVision(table, 16)(torch.zeros(1, 3, 64, 64))                  # a blind model's blank image: no objects
+    assert table['mask'][0].tolist() == [1.] + [0.] * MAX_OBJECTS and blank[0, 1:].abs().sum() == 0
+
+
+def test_bias_product_loss_by_hand():
+    "oracle_vqa.py's BiasProduct: CE of softmax(z + z_bias) (the log-softmax constants cancel); the bias gets no gradient."
+    import math
+    from types import SimpleNamespace
+    from oracle_vqa import BiasProduct
+    class Fixed(nn.Module):
+        def __init__(self, z): super().__init__(); self.z = nn.Parameter(torch.tensor(z))
+        def logits(self, batch): return self.z
+        def forward(self, batch): return SimpleNamespace(loss=None, loss_ce=None, logits=self.z, labels=batch['label'])
+    main, bias = Fixed([[1., 0., 0.]]), Fixed([[0., 2., 0.]])
+    pm = BiasProduct(main, bias)
+    out = pm(dict(label=torch.tensor([2])))
+    assert math.isclose(out.loss.item(), math.log(1 + math.e + math.e ** 2), rel_tol=1e-6)   # z + z_b = (1, 2, 0), label 2
+    out.loss.backward()
+    assert main.z.grad is not None and bias.z.grad is None and list(pm.parameters()) == [main.z]
+    assert torch.equal(pm.logits({}).argmax(-1), torch.tensor([1]))                          # the product predicts class 1
