@@ -128,7 +128,12 @@ def run(row: str, args, root, tok, answers, table, blind: bool | None = None, bi
     extra = dict(text=dict(preset='tiny', **json.loads(args.bert))) if args.bert else {}
     enc = build_model('albef', 'tiny', tok, args.image_size, args.text_encoder, queue_size=1024, temp=0.3, itc_pool='mean', **extra)
     augment = 'none' if row == 'oracle' else 'flip'
-    if args.task == 've': train, val = ve_data(root, args.image_size, augment, 'val', args.eval_questions, args.seed, args.extra_hypotheses)
+    if args.task == 've':
+        train, val = ve_data(root, args.image_size, augment, 'val', args.eval_questions, args.seed, args.extra_hypotheses)
+        if args.train_ops:   # a diagnostic: train on these statement kinds only (the val split stays whole)
+            keep = [i for i, r in enumerate(train.records) if r.get('program', {}).get('op') in args.train_ops]
+            train.records, train.sources = [train.records[i] for i in keep], [train.sources[i] for i in keep]
+            if not train.records: raise ValueError(f'no training hypothesis has an op in {args.train_ops}')
     else: train, val = vqa_data(root, answers, args.image_size, augment, args.eval_questions, args.seed)
     if row == 'oracle':
         enc.visual_encoder = OracleVision(table, enc.visual_encoder.embed_dim)
@@ -137,8 +142,13 @@ def run(row: str, args, root, tok, answers, table, blind: bool | None = None, bi
     else: model = build_vqa_model(enc, answers, tok, head='classifier', blind=blind)
     if bias is not None: model = BiasProduct(model, bias)
     run_dir = os.path.join(args.out_dir, name)
+    eval_fn = None
+    if args.task == 've' and args.eval_every:   # val accuracy during training, in log.csv (split 'eval')
+        eval_fn = lambda m, step: dict(val_acc=100 * classification_metrics(*(lambda p: (p['preds'], p['labels']))(
+            predict_ve(m, val, tok, batch_size=2 * args.batch_size, progress=False)), VE_CLASSES)['acc'])
     trainer, secs = fit_task(model, train, make_collate(args.task, tok), run_dir, batch_size=args.batch_size,
-                             max_steps=args.steps, lr=args.lr, min_lr=args.min_lr, log_every=50, progress=False, seed=args.seed)
+                             max_steps=args.steps, lr=args.lr, min_lr=args.min_lr, log_every=50, progress=False, seed=args.seed,
+                             eval_fn=eval_fn, eval_every=args.eval_every or None)
     model = trainer.unwrapped_model.eval()
     head = dict(vision=name, text=(args.text_encoder or 'scratch') + (f' {args.bert}' if args.bert else ''), steps=args.steps, lr=f'{args.lr:g}' + (f'→{args.min_lr:g}' if args.min_lr != args.lr else ''), train_s=secs)
     if args.task == 've':
@@ -163,6 +173,8 @@ def main():
     ap.add_argument('--extra-hypotheses', type=int, default=0, help='--task ve: more training hypotheses per image (extra_ve_records)')
     ap.add_argument('--steps', type=int, default=600)
     ap.add_argument('--lr', type=float, default=5e-4)
+    ap.add_argument('--train-ops', nargs='*', default=None, help="--task ve: train on these statement kinds only (e.g. exist)")
+    ap.add_argument('--eval-every', type=int, default=0, help='--task ve: score the val hypotheses every this many steps (log.csv)')
     ap.add_argument('--min-lr', type=float, default=1e-5, help='the cosine schedule ends here (= --lr: constant after warm-up)')
     ap.add_argument('--batch-size', type=int, default=32)
     ap.add_argument('--eval-questions', type=int, default=600, help='val questions (VQA) or hypotheses (VE) scored')

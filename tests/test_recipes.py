@@ -17,7 +17,8 @@ SMALL = {
     'train_grounding': dict(n_images=60, pretrain_steps=8, max_steps=16, batch_size=8, log_every=4, lr=1e-3, n_examples=4),
     'viz_attention': dict(n_images=60, pretrain_steps=8, finetune_steps=16, batch_size=8, log_every=4, lr=1e-3, n_examples=3),
     'train_nlvr': dict(n_images=60, pretrain_steps=8, ta_steps=64, max_steps=64, batch_size=8, log_every=16, lr=1e-3),
-    'train_ve': dict(n_images=60, pretrain_steps=8, max_steps=64, batch_size=8, log_every=16, lr=1e-3, extra_hypotheses=2),
+    'train_ve': dict(n_images=60, pretrain_steps=8, max_steps=64, batch_size=8, log_every=16, lr=1e-3, extra_hypotheses=2,
+                     curriculum_ops='exist', curriculum_steps=8),
 }
 
 
@@ -56,6 +57,9 @@ def test_recipe_runs(nb, tmp_path):
     if nb == 'train_ve':   # per-statement accuracy: every scored hypothesis falls in one kind
         kinds = m['per_statement']['ve']
         assert sum(v['n'] for v in kinds.values()) == m['n_eval'] and (run / 'accuracy_by_statement.png').exists()
+        cur = m['curriculum']   # the first stage: existence statements only, for both models
+        assert cur['ops'] == ['exist'] and cur['steps'] == 8 and 0 < cur['n_train'] < m['n_train']
+        assert all((run / k / 'curriculum' / 'log.jsonl').exists() for k in ('ve', 'blind'))
 
 
 def _minilm_dir():

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from fastcore.script import call_parse
 from ..core import get_accelerator, has_gpu
-from .common import synth_root, recipe_transform, start_run, finish_run
+from .common import synth_root, recipe_transform, start_run, finish_run, fit_task
 from .pretrain import pretrained_model
 from .train_nlvr import (fit_classifiers, classification_summary, class_table, plot_confusions, plot_loss_curves,
                                      accuracy_by_group, plot_accuracy_by_group)
@@ -18,7 +18,7 @@ from ..data.synth import extra_ve_records
 from ..tasks.ve import build_ve_model, predict_ve, VE_CLASSES
 
 # %% auto #0
-__all__ = ['ve_data', 've_statement_kind', 'plot_ve_examples', 'run_train_ve', 'main']
+__all__ = ['ve_data', 've_statement_kind', 've_statements', 'plot_ve_examples', 'run_train_ve', 'main']
 
 # %% ../../nbs/train_ve.ipynb #7057d975
 def ve_data(root, image_size: int, augment: str = 'flip', eval_split: str = 'val', eval_max_examples: int | None = None, seed: int = 0,
@@ -36,6 +36,19 @@ def ve_statement_kind(record: dict) -> str | None:
     "A synthetic hypothesis' program and true label, e.g. 'exist / contradiction'; None for records without a `program`."
     p = record.get('program')
     return f"{p['op']} / {record['label']}" if isinstance(p, dict) and 'op' in p else None
+
+def ve_statements(dataset, ops) -> VEDataset:
+    """The training hypotheses of `dataset` whose synthetic program op is in `ops` (e.g. `['exist']`), as a new
+    `VEDataset` with the same images and transform: the data of a curriculum's first stage."""
+    ops = [o.strip() for o in (ops.split(',') if isinstance(ops, str) else ops) if o.strip()]
+    if not ops: raise ValueError('ve_statements: no statement kinds given (e.g. ops="exist")')
+    if not any(isinstance(r.get('program'), dict) for r in dataset.records):
+        raise ValueError('ve_statements: the records carry no `program` (only the synthetic data has statement kinds)')
+    keep = [i for i, r in enumerate(dataset.records) if (r.get('program') or {}).get('op') in ops]
+    if not keep:
+        found = sorted({(r.get('program') or {}).get('op') for r in dataset.records} - {None})
+        raise ValueError(f've_statements: no hypothesis of kind {ops}; the kinds are {found}')
+    return VEDataset([dataset.records[i] for i in keep], dataset.image_root, dataset.transform, seed=dataset.seed)
 
 def plot_ve_examples(dataset, predictions: list, blind_predictions: list | None = None, n: int = 8, path=None):
     "A grid of images with the hypothesis, the prediction (green: right), the blind prediction and the truth."
@@ -57,11 +70,13 @@ def plot_ve_examples(dataset, predictions: list, blind_predictions: list | None 
 
 # %% ../../nbs/train_ve.ipynb #108ab9b6
 def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_checkpoint=None, pretrain_steps=600, data_root=None,
-                 n_images=3000, image_size=64, vocab_size=1000, extra_hypotheses=0, batch_size=32, max_steps=500, lr=5e-4, weight_decay=0.02,
+                 n_images=3000, image_size=64, vocab_size=1000, extra_hypotheses=0, curriculum_ops='', curriculum_steps=0, batch_size=32, max_steps=500, lr=5e-4, weight_decay=0.02,
                  warmup_steps=0.05, min_lr=1e-5, distill=False, alpha=0.4, alpha_warmup_steps=0, augment='flip',
                  blind_baseline=True, eval_split='val', eval_max_examples=1000, n_examples=8, mixed_precision='bf16',
                  num_workers=0, log_every=10, resume=False, seed=0, out_dir='runs/train_ve', show=False) -> dict:
-    "Run the SNLI-VE recipe; returns `dict(metrics, run_dir, models, results, val)`."
+    """Run the SNLI-VE recipe; returns `dict(metrics, run_dir, models, results, val)`. With `curriculum_steps`, each model
+    (the blind twin too) first trains that many steps at the constant rate `lr` on the `curriculum_ops` hypotheses only
+    (`ve_statements`; logged under `<model>/curriculum/`), then `max_steps` on all of them."""
     params = {k: v for k, v in locals().items() if k != 'show'}
     acc = get_accelerator(mixed_precision=mixed_precision if has_gpu() else 'no')
     run_dir = start_run(params, out_dir) if acc.is_main_process else Path(out_dir)
@@ -72,7 +87,16 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
     root = synth_root(n_images, image_size, seed, data_root)
     train, val = ve_data(root, image_size, augment, eval_split, eval_max_examples, seed, extra_hypotheses)
     names = ['ve', 'blind'] if blind_baseline else ['ve']
-    fc = fit_classifiers(lambda blind: build_ve_model(pre['model'], distill=distill, alpha=alpha, alpha_warmup_steps=alpha_warmup_steps, blind=blind),
+    fit_kw = dict(accelerator=acc, show=show, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                  mixed_precision=mixed_precision, num_workers=num_workers, log_every=log_every, resume=resume, seed=seed)
+    first = ve_statements(train, curriculum_ops) if curriculum_steps else None
+    def build(blind):
+        model = build_ve_model(pre['model'], distill=distill, alpha=alpha, alpha_warmup_steps=alpha_warmup_steps, blind=blind)
+        if first is None: return model
+        trainer, _ = fit_task(model, first, make_collate('ve', tok), run_dir / ('blind' if blind else 've') / 'curriculum',
+                              max_steps=curriculum_steps, min_lr=lr, **fit_kw)
+        return trainer.unwrapped_model
+    fc = fit_classifiers(build,
                          train, val, make_collate('ve', tok), tok, predict_ve, VE_CLASSES, run_dir, names,
                          accelerator=acc, show=show, eval_batch_size=2 * batch_size, batch_size=batch_size, max_steps=max_steps,
                          lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, min_lr=min_lr, mixed_precision=mixed_precision,
@@ -87,8 +111,12 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
                        train_seconds={k: round(v, 1) for k, v in fc['seconds'].items()},
                        loss_first={k: read_log(run_dir / k / 'log.jsonl')[0]['loss'] for k in names},
                        loss_last={k: read_log(run_dir / k / 'log.jsonl')[-1]['loss'] for k in names},
-                       **classification_summary(results, VE_CLASSES), eval_split=eval_split,
+                       **classification_summary(results, VE_CLASSES), eval_split=eval_split, n_train=len(train),
                        bow_accuracy=round(100 * bow, 2), pretrain_zero_shot=pre['metrics'].get('zero_shot_after'))
+        if first is not None:
+            logs = {k: read_log(run_dir / k / 'curriculum' / 'log.jsonl') for k in names}
+            metrics['curriculum'] = dict(ops=sorted({r['program']['op'] for r in first.records}), steps=curriculum_steps, n_train=len(first),
+                                         loss_first={k: v[0]['loss'] for k, v in logs.items()}, loss_last={k: v[-1]['loss'] for k, v in logs.items()})
         if 'blind' in results: metrics['gain_over_blind'] = round(metrics['accuracy']['ve'] - metrics['accuracy']['blind'], 2)
         all_preds = {k: json.loads((run_dir / k / 'predictions.json').read_text()) for k in results}
         by_kind = accuracy_by_group(all_preds, val.records, ve_statement_kind)
@@ -107,7 +135,7 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
 @call_parse
 def main(method: str = 'albef', preset: str = 'tiny', text_encoder: str = None, pretrain_checkpoint: str = None,
          pretrain_steps: int = 600, data_root: str = None, n_images: int = 3000, image_size: int = 64, vocab_size: int = 1000,
-         extra_hypotheses: int = 0,
+         extra_hypotheses: int = 0, curriculum_ops: str = '', curriculum_steps: int = 0,
          batch_size: int = 32, max_steps: int = 500, lr: float = 5e-4, weight_decay: float = 0.02, warmup_steps: float = 0.05,
          min_lr: float = 1e-5, distill: bool = False, alpha: float = 0.4, alpha_warmup_steps: int = 0, augment: str = 'flip',
          blind_baseline: bool = True, eval_split: str = 'val', eval_max_examples: int = 1000, n_examples: int = 8,
