@@ -22,7 +22,8 @@ per image drawn from the scene graphs, as `train_ve` does), accuracy overall, pe
 (program op / label) on the first `--eval-questions` val hypotheses; each row's `predictions.json` is kept.
 `--bias-product` adds, after each row, its blind twin (`<row>-blind`: the same vision fed a blank image; for the
 oracle, a scene with no objects) and `<row>+poe`: the row's model trained as a product of experts with the frozen
-blind twin (`BiasProduct`), scored as the product and alone (`model_alone`).
+blind twin (`BiasProduct`), scored as the product and alone (`model_alone`). `--curriculum-steps` first trains each
+model on the `--curriculum-ops` statements only (train_ve's curriculum); `--train-ops` trains on those kinds only.
 
     python benchmarks/oracle_vqa.py --quick                        # smoke run (about a minute)
     python benchmarks/oracle_vqa.py                                # 600 steps each: oracle, vit, blank
@@ -43,7 +44,7 @@ from vlnb.metrics import format_table
 from vlnb.recipes.common import fit_task, recipe_tokenizer, synth_root
 from vlnb.recipes.pretrain import build_model
 from vlnb.recipes.train_nlvr import accuracy_by_group
-from vlnb.recipes.train_ve import ve_data, ve_statement_kind
+from vlnb.recipes.train_ve import ve_data, ve_statement_kind, ve_statements
 from vlnb.recipes.train_vqa import vqa_data
 from vlnb.tasks.ve import VE_CLASSES, build_ve_model, predict_ve
 from vlnb.tasks.nlvr import classification_metrics
@@ -146,6 +147,12 @@ def run(row: str, args, root, tok, answers, table, blind: bool | None = None, bi
     if args.task == 've' and args.eval_every:   # val accuracy during training, in log.csv (split 'eval')
         eval_fn = lambda m, step: dict(val_acc=100 * classification_metrics(*(lambda p: (p['preds'], p['labels']))(
             predict_ve(m, val, tok, batch_size=2 * args.batch_size, progress=False)), VE_CLASSES)['acc'])
+    if args.task == 've' and args.curriculum_steps:   # train_ve's curriculum: these statement kinds first, at a constant lr
+        first = ve_statements(train, args.curriculum_ops)
+        if row == 'oracle': use_oracle_images(first, table['index'])
+        fit_task(model, first, make_collate('ve', tok), os.path.join(run_dir, 'curriculum'),
+                 batch_size=args.batch_size, max_steps=args.curriculum_steps, lr=args.lr, min_lr=args.lr, log_every=50,
+                 progress=False, seed=args.seed, eval_fn=eval_fn, eval_every=args.eval_every or None)
     trainer, secs = fit_task(model, train, make_collate(args.task, tok), run_dir, batch_size=args.batch_size,
                              max_steps=args.steps, lr=args.lr, min_lr=args.min_lr, log_every=50, progress=False, seed=args.seed,
                              eval_fn=eval_fn, eval_every=args.eval_every or None)
@@ -174,6 +181,8 @@ def main():
     ap.add_argument('--steps', type=int, default=600)
     ap.add_argument('--lr', type=float, default=5e-4)
     ap.add_argument('--train-ops', nargs='*', default=None, help="--task ve: train on these statement kinds only (e.g. exist)")
+    ap.add_argument('--curriculum-ops', default='exist', help="--task ve: the curriculum's statement kinds (as train_ve)")
+    ap.add_argument('--curriculum-steps', type=int, default=0, help='--task ve: steps on those kinds first (constant lr), as train_ve')
     ap.add_argument('--eval-every', type=int, default=0, help='--task ve: score the val hypotheses every this many steps (log.csv)')
     ap.add_argument('--min-lr', type=float, default=1e-5, help='the cosine schedule ends here (= --lr: constant after warm-up)')
     ap.add_argument('--batch-size', type=int, default=32)
