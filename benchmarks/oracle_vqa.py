@@ -131,10 +131,7 @@ def run(row: str, args, root, tok, answers, table, blind: bool | None = None, bi
     augment = 'none' if row == 'oracle' else 'flip'
     if args.task == 've':
         train, val = ve_data(root, args.image_size, augment, 'val', args.eval_questions, args.seed, args.extra_hypotheses)
-        if args.train_ops:   # a diagnostic: train on these statement kinds only (the val split stays whole)
-            keep = [i for i, r in enumerate(train.records) if r.get('program', {}).get('op') in args.train_ops]
-            train.records, train.sources = [train.records[i] for i in keep], [train.sources[i] for i in keep]
-            if not train.records: raise ValueError(f'no training hypothesis has an op in {args.train_ops}')
+        if args.train_ops: train = ve_statements(train, args.train_ops)   # a diagnostic: these kinds only (val stays whole)
     else: train, val = vqa_data(root, answers, args.image_size, augment, args.eval_questions, args.seed)
     if row == 'oracle':
         enc.visual_encoder = OracleVision(table, enc.visual_encoder.embed_dim)
@@ -143,10 +140,10 @@ def run(row: str, args, root, tok, answers, table, blind: bool | None = None, bi
     else: model = build_vqa_model(enc, answers, tok, head='classifier', blind=blind)
     if bias is not None: model = BiasProduct(model, bias)
     run_dir = os.path.join(args.out_dir, name)
-    eval_fn = None
-    if args.task == 've' and args.eval_every:   # val accuracy during training, in log.csv (split 'eval')
-        eval_fn = lambda m, step: dict(val_acc=100 * classification_metrics(*(lambda p: (p['preds'], p['labels']))(
-            predict_ve(m, val, tok, batch_size=2 * args.batch_size, progress=False)), VE_CLASSES)['acc'])
+    def ve_accuracy(m, step=None):   # val accuracy (%) during training, in log.jsonl (split 'eval')
+        p = predict_ve(m, val, tok, batch_size=2 * args.batch_size, progress=False)
+        return dict(val_acc=100 * classification_metrics(p['preds'], p['labels'], VE_CLASSES)['acc'])
+    eval_fn = ve_accuracy if args.task == 've' and args.eval_every else None
     if args.task == 've' and args.curriculum_steps:   # train_ve's curriculum: these statement kinds first, at a constant lr
         first = ve_statements(train, args.curriculum_ops)
         if row == 'oracle': use_oracle_images(first, table['index'])
@@ -183,7 +180,7 @@ def main():
     ap.add_argument('--train-ops', nargs='*', default=None, help="--task ve: train on these statement kinds only (e.g. exist)")
     ap.add_argument('--curriculum-ops', default='exist', help="--task ve: the curriculum's statement kinds (as train_ve)")
     ap.add_argument('--curriculum-steps', type=int, default=0, help='--task ve: steps on those kinds first (constant lr), as train_ve')
-    ap.add_argument('--eval-every', type=int, default=0, help='--task ve: score the val hypotheses every this many steps (log.csv)')
+    ap.add_argument('--eval-every', type=int, default=0, help='--task ve: score the val hypotheses every this many steps (log.jsonl)')
     ap.add_argument('--min-lr', type=float, default=1e-5, help='the cosine schedule ends here (= --lr: constant after warm-up)')
     ap.add_argument('--batch-size', type=int, default=32)
     ap.add_argument('--eval-questions', type=int, default=600, help='val questions (VQA) or hypotheses (VE) scored')
