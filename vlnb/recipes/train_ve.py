@@ -96,11 +96,8 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
         trainer, _ = fit_task(model, first, make_collate('ve', tok), run_dir / ('blind' if blind else 've') / 'curriculum',
                               max_steps=curriculum_steps, min_lr=lr, **fit_kw)
         return trainer.unwrapped_model
-    fc = fit_classifiers(build,
-                         train, val, make_collate('ve', tok), tok, predict_ve, VE_CLASSES, run_dir, names,
-                         accelerator=acc, show=show, eval_batch_size=2 * batch_size, batch_size=batch_size, max_steps=max_steps,
-                         lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, min_lr=min_lr, mixed_precision=mixed_precision,
-                         num_workers=num_workers, log_every=log_every, resume=resume, seed=seed)
+    fc = fit_classifiers(build, train, val, make_collate('ve', tok), tok, predict_ve, VE_CLASSES, run_dir, names,
+                         eval_batch_size=2 * batch_size, max_steps=max_steps, min_lr=min_lr, **fit_kw)
     results, metrics = fc['results'], {}
     if acc.is_main_process:
         from vlnb.train import read_log
