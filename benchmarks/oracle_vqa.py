@@ -102,6 +102,14 @@ def use_oracle_images(ds, index: dict):
     ds.get = oracle_get
 
 
+def curriculum_data(train, ops, index: dict | None = None):
+    """The curriculum stage's data: the `ops` statements of `train` (train_ve's `ve_statements`, a new dataset), fed the
+    scene table's rows as `train` is when `index` is given (the oracle row), not the pixels."""
+    first = ve_statements(train, ops)
+    if index is not None: use_oracle_images(first, index)
+    return first
+
+
 class BiasProduct(nn.Module):
     """A classifier trained as a product of experts with a frozen `bias` classifier (Clark et al. 2019, "Don't take the
     easy way out"): `loss = CE(log softmax(z) + log softmax(z_bias), y)`, so examples the bias already gets right with
@@ -145,8 +153,7 @@ def run(row: str, args, root, tok, answers, table, blind: bool | None = None, bi
         return dict(val_acc=100 * classification_metrics(p['preds'], p['labels'], VE_CLASSES)['acc'])
     eval_fn = ve_accuracy if args.task == 've' and args.eval_every else None
     if args.task == 've' and args.curriculum_steps:   # train_ve's curriculum: these statement kinds first, at a constant lr
-        first = ve_statements(train, args.curriculum_ops)
-        if row == 'oracle': use_oracle_images(first, table['index'])
+        first = curriculum_data(train, args.curriculum_ops, table['index'] if row == 'oracle' else None)
         fit_task(model, first, make_collate('ve', tok), os.path.join(run_dir, 'curriculum'),
                  batch_size=args.batch_size, max_steps=args.curriculum_steps, lr=args.lr, min_lr=args.lr, log_every=50,
                  progress=False, seed=args.seed, eval_fn=eval_fn, eval_every=args.eval_every or None)

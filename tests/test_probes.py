@@ -69,6 +69,12 @@ def test_oracle_tokens_follow_the_records_scene(tmp_path):
     assert tokens.shape == (1, MAX_OBJECTS + 1, 16) and tokens[0, n + 1:].abs().sum() == 0 and tokens[0, 1:n + 1].abs().sum(-1).min() > 0   # [CLS] starts at zero
     blank = OracleVision(table, 16)(torch.zeros(1, 3, 64, 64))                  # a blind model's blank image: no objects
     assert table['mask'][0].tolist() == [1.] + [0.] * MAX_OBJECTS and blank[0, 1:].abs().sum() == 0
+    from oracle_vqa import curriculum_data
+    first = curriculum_data(train, 'exist', table['index'])             # the curriculum's subset is a new dataset: fed rows too
+    assert 0 < len(first) < len(train) and {r['program']['op'] for r in first.records} == {'exist'}
+    for i in (0, len(first) - 1):
+        assert first[i]['image'].tolist() == [float(table['index'][first.records[i]['image']])]
+    assert curriculum_data(train, 'exist')[0]['image'].shape == (3, 64, 64)   # without the table: pixels, as the blank row
 
 
 def test_bias_product_loss_by_hand():
