@@ -60,6 +60,9 @@ def test_recipe_runs(nb, tmp_path):
         cur = m['curriculum']   # the first stage: existence statements only, for both models
         assert cur['ops'] == ['exist'] and cur['steps'] == 8 and 0 < cur['n_train'] < m['n_train']
         assert all((run / k / 'curriculum' / 'log.jsonl').exists() for k in ('ve', 'blind'))
+        stage = cur['eval']    # each model scored on the val split's existence statements after the first stage
+        assert set(stage) == {'ve', 'blind'} and set(stage['ve']) <= {'exist / entailment', 'exist / contradiction'}
+        assert sum(v['n'] for v in stage['ve'].values()) == sum(v['n'] for k, v in kinds.items() if k.startswith('exist /')) > 0
 
 
 def _minilm_dir():

@@ -76,7 +76,9 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
                  num_workers=0, log_every=10, resume=False, seed=0, out_dir='runs/train_ve', show=False) -> dict:
     """Run the SNLI-VE recipe; returns `dict(metrics, run_dir, models, results, val)`. With `curriculum_steps`, each model
     (the blind twin too) first trains that many steps at the constant rate `lr` on the `curriculum_ops` hypotheses only
-    (`ve_statements`; logged under `<model>/curriculum/`), then `max_steps` on all of them."""
+    (`ve_statements`; logged under `<model>/curriculum/`), then `max_steps` on all of them; after the first stage each
+    model is scored on the eval split's statements of those kinds (`metrics['curriculum']['eval']`, per kind and label),
+    so that what the stage taught can be told from what the full mix keeps of it."""
     params = {k: v for k, v in locals().items() if k != 'show'}
     acc = get_accelerator(mixed_precision=mixed_precision if has_gpu() else 'no')
     run_dir = start_run(params, out_dir) if acc.is_main_process else Path(out_dir)
@@ -90,12 +92,20 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
     fit_kw = dict(accelerator=acc, show=show, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                   mixed_precision=mixed_precision, num_workers=num_workers, log_every=log_every, resume=resume, seed=seed)
     first = ve_statements(train, curriculum_ops) if curriculum_steps else None
+    first_ops = sorted({r['program']['op'] for r in first.records}) if first is not None else []
+    first_eval = ve_statements(val, first_ops) if any((r.get('program') or {}).get('op') in first_ops for r in val.records) else None
+    stage_preds = {}   # model -> its predictions on first_eval after the first stage
     def build(blind):
         model = build_ve_model(pre['model'], distill=distill, alpha=alpha, alpha_warmup_steps=alpha_warmup_steps, blind=blind)
         if first is None: return model
         trainer, _ = fit_task(model, first, make_collate('ve', tok), run_dir / ('blind' if blind else 've') / 'curriculum',
                               max_steps=curriculum_steps, min_lr=lr, **fit_kw)
-        return trainer.unwrapped_model
+        model = trainer.unwrapped_model
+        if first_eval is not None and acc.is_main_process:
+            p = predict_ve(model, first_eval, tok, batch_size=2 * batch_size, progress=False)
+            stage_preds['blind' if blind else 've'] = [dict(index=i, pred=VE_CLASSES[int(a)], label=VE_CLASSES[int(y)])
+                                                        for i, (a, y) in enumerate(zip(p['preds'], p['labels']))]
+        return model
     fc = fit_classifiers(build, train, val, make_collate('ve', tok), tok, predict_ve, VE_CLASSES, run_dir, names,
                          eval_batch_size=2 * batch_size, max_steps=max_steps, min_lr=min_lr, **fit_kw)
     results, metrics = fc['results'], {}
@@ -112,8 +122,9 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
                        bow_accuracy=round(100 * bow, 2), pretrain_zero_shot=pre['metrics'].get('zero_shot_after'))
         if first is not None:
             logs = {k: read_log(run_dir / k / 'curriculum' / 'log.jsonl') for k in names}
-            metrics['curriculum'] = dict(ops=sorted({r['program']['op'] for r in first.records}), steps=curriculum_steps, n_train=len(first),
+            metrics['curriculum'] = dict(ops=first_ops, steps=curriculum_steps, n_train=len(first),
                                          loss_first={k: v[0]['loss'] for k, v in logs.items()}, loss_last={k: v[-1]['loss'] for k, v in logs.items()})
+            if stage_preds: metrics['curriculum']['eval'] = accuracy_by_group(stage_preds, first_eval.records, ve_statement_kind)
         if 'blind' in results: metrics['gain_over_blind'] = round(metrics['accuracy']['ve'] - metrics['accuracy']['blind'], 2)
         all_preds = {k: json.loads((run_dir / k / 'predictions.json').read_text()) for k in results}
         by_kind = accuracy_by_group(all_preds, val.records, ve_statement_kind)
