@@ -18,7 +18,7 @@ SMALL = {
     'viz_attention': dict(n_images=60, pretrain_steps=8, finetune_steps=16, batch_size=8, log_every=4, lr=1e-3, n_examples=3),
     'train_nlvr': dict(n_images=60, pretrain_steps=8, ta_steps=64, max_steps=64, batch_size=8, log_every=16, lr=1e-3),
     'train_ve': dict(n_images=60, pretrain_steps=8, max_steps=64, batch_size=8, log_every=16, lr=1e-3, extra_hypotheses=2,
-                     curriculum_ops='exist', curriculum_steps=8),
+                     curriculum_ops='exist', curriculum_steps=8, curriculum_repeat=1),
 }
 
 
@@ -58,7 +58,7 @@ def test_recipe_runs(nb, tmp_path):
         kinds = m['per_statement']['ve']
         assert sum(v['n'] for v in kinds.values()) == m['n_eval'] and (run / 'accuracy_by_statement.png').exists()
         cur = m['curriculum']   # the first stage: existence statements only, for both models
-        assert cur['ops'] == ['exist'] and cur['steps'] == 8 and 0 < cur['n_train'] < m['n_train']
+        assert cur['ops'] == ['exist'] and cur['steps'] == 8 and 0 < cur['n_train'] < m['n_train'] and cur['replayed'] == cur['n_train']
         assert all((run / k / 'curriculum' / 'log.jsonl').exists() for k in ('ve', 'blind'))
         stage = cur['eval']    # each model scored on the val split's existence statements after the first stage
         assert set(stage) == {'ve', 'blind'} and set(stage['ve']) <= {'exist / entailment', 'exist / contradiction'}

@@ -70,7 +70,7 @@ def plot_ve_examples(dataset, predictions: list, blind_predictions: list | None 
 
 # %% ../../nbs/train_ve.ipynb #108ab9b6
 def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_checkpoint=None, pretrain_steps=600, data_root=None,
-                 n_images=3000, image_size=64, vocab_size=1000, extra_hypotheses=0, curriculum_ops='', curriculum_steps=0, batch_size=32, max_steps=500, lr=5e-4, weight_decay=0.02,
+                 n_images=3000, image_size=64, vocab_size=1000, extra_hypotheses=0, curriculum_ops='', curriculum_steps=0, curriculum_repeat=0, batch_size=32, max_steps=500, lr=5e-4, weight_decay=0.02,
                  warmup_steps=0.05, min_lr=1e-5, distill=False, alpha=0.4, alpha_warmup_steps=0, augment='flip',
                  blind_baseline=True, eval_split='val', eval_max_examples=1000, n_examples=8, mixed_precision='bf16',
                  num_workers=0, log_every=10, resume=False, seed=0, out_dir='runs/train_ve', show=False) -> dict:
@@ -78,7 +78,9 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
     (the blind twin too) first trains that many steps at the constant rate `lr` on the `curriculum_ops` hypotheses only
     (`ve_statements`; logged under `<model>/curriculum/`), then `max_steps` on all of them; after the first stage each
     model is scored on the eval split's statements of those kinds (`metrics['curriculum']['eval']`, per kind and label),
-    so that what the stage taught can be told from what the full mix keeps of it."""
+    so that what the stage taught can be told from what the full mix keeps of it. `curriculum_repeat` adds the first
+    stage's statements that many more times to the main stage's data (a replay against forgetting them)."""
+    if curriculum_repeat and not curriculum_steps: raise ValueError('curriculum_repeat needs a curriculum (curriculum_steps > 0)')
     params = {k: v for k, v in locals().items() if k != 'show'}
     acc = get_accelerator(mixed_precision=mixed_precision if has_gpu() else 'no')
     run_dir = start_run(params, out_dir) if acc.is_main_process else Path(out_dir)
@@ -92,6 +94,8 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
     fit_kw = dict(accelerator=acc, show=show, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                   mixed_precision=mixed_precision, num_workers=num_workers, log_every=log_every, resume=resume, seed=seed)
     first = ve_statements(train, curriculum_ops) if curriculum_steps else None
+    main_train = (VEDataset(train.records + first.records * curriculum_repeat, train.image_root, train.transform, seed=train.seed)
+                  if curriculum_repeat else train)
     first_ops = sorted({r['program']['op'] for r in first.records}) if first is not None else []
     first_eval = ve_statements(val, first_ops) if any((r.get('program') or {}).get('op') in first_ops for r in val.records) else None
     stage_preds = {}   # model -> its predictions on first_eval after the first stage
@@ -106,7 +110,7 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
             stage_preds['blind' if blind else 've'] = [dict(index=i, pred=VE_CLASSES[int(a)], label=VE_CLASSES[int(y)])
                                                         for i, (a, y) in enumerate(zip(p['preds'], p['labels']))]
         return model
-    fc = fit_classifiers(build, train, val, make_collate('ve', tok), tok, predict_ve, VE_CLASSES, run_dir, names,
+    fc = fit_classifiers(build, main_train, val, make_collate('ve', tok), tok, predict_ve, VE_CLASSES, run_dir, names,
                          eval_batch_size=2 * batch_size, max_steps=max_steps, min_lr=min_lr, **fit_kw)
     results, metrics = fc['results'], {}
     if acc.is_main_process:
@@ -118,11 +122,11 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
                        train_seconds={k: round(v, 1) for k, v in fc['seconds'].items()},
                        loss_first={k: read_log(run_dir / k / 'log.jsonl')[0]['loss'] for k in names},
                        loss_last={k: read_log(run_dir / k / 'log.jsonl')[-1]['loss'] for k in names},
-                       **classification_summary(results, VE_CLASSES), eval_split=eval_split, n_train=len(train),
+                       **classification_summary(results, VE_CLASSES), eval_split=eval_split, n_train=len(main_train),
                        bow_accuracy=round(100 * bow, 2), pretrain_zero_shot=pre['metrics'].get('zero_shot_after'))
         if first is not None:
             logs = {k: read_log(run_dir / k / 'curriculum' / 'log.jsonl') for k in names}
-            metrics['curriculum'] = dict(ops=first_ops, steps=curriculum_steps, n_train=len(first),
+            metrics['curriculum'] = dict(ops=first_ops, steps=curriculum_steps, n_train=len(first), replayed=len(first) * curriculum_repeat,
                                          loss_first={k: v[0]['loss'] for k, v in logs.items()}, loss_last={k: v[-1]['loss'] for k, v in logs.items()})
             if stage_preds: metrics['curriculum']['eval'] = accuracy_by_group(stage_preds, first_eval.records, ve_statement_kind)
         if 'blind' in results: metrics['gain_over_blind'] = round(metrics['accuracy']['ve'] - metrics['accuracy']['blind'], 2)
@@ -143,7 +147,7 @@ def run_train_ve(method='albef', preset='tiny', text_encoder=None, pretrain_chec
 @call_parse
 def main(method: str = 'albef', preset: str = 'tiny', text_encoder: str = None, pretrain_checkpoint: str = None,
          pretrain_steps: int = 600, data_root: str = None, n_images: int = 3000, image_size: int = 64, vocab_size: int = 1000,
-         extra_hypotheses: int = 0, curriculum_ops: str = '', curriculum_steps: int = 0,
+         extra_hypotheses: int = 0, curriculum_ops: str = '', curriculum_steps: int = 0, curriculum_repeat: int = 0,
          batch_size: int = 32, max_steps: int = 500, lr: float = 5e-4, weight_decay: float = 0.02, warmup_steps: float = 0.05,
          min_lr: float = 1e-5, distill: bool = False, alpha: float = 0.4, alpha_warmup_steps: int = 0, augment: str = 'flip',
          blind_baseline: bool = True, eval_split: str = 'val', eval_max_examples: int = 1000, n_examples: int = 8,
