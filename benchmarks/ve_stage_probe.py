@@ -22,21 +22,22 @@ from vlnb.data.synth import extra_ve_records
 from vlnb.metrics import format_table
 from vlnb.recipes.common import synth_root
 from vlnb.recipes.pretrain import pretrained_model
+from vlnb.recipes.train_nlvr import accuracy_by_group
+from vlnb.recipes.train_ve import ve_statements
 from vlnb.tasks.ve import VE_CLASSES, build_ve_model, predict_ve
 from vlnb.train import find_latest, load_checkpoint
 
 
-def statements(records, ops, limit=None):
-    "The records whose synthetic program op is in `ops`, at most `limit`."
-    return [r for r in records if (r.get('program') or {}).get('op') in ops][:limit]
+def statements(records, root, tf, ops, limit=None) -> VEDataset:
+    "The first `limit` of `records` whose synthetic program op is in `ops` (train_ve's `ve_statements`), transformed by `tf`."
+    return VEDataset(ve_statements(VEDataset(records, root, tf), ops).records[:limit], root, tf, split='val')
 
 
-def per_label(preds, labels) -> dict:
-    "Accuracy (%) and count per true label name, and overall."
-    out = {VE_CLASSES[c]: dict(acc=round(100 * (preds[labels == c] == c).float().mean().item(), 1), n=int((labels == c).sum()))
-           for c in sorted(set(labels.tolist()))}
-    out['all'] = dict(acc=round(100 * (preds == labels).float().mean().item(), 1), n=len(labels))
-    return out
+def per_label(preds, labels, records) -> dict:
+    "Accuracy (%) and count per true label (train_nlvr's `accuracy_by_group`), and overall."
+    p = [dict(index=i, pred=VE_CLASSES[int(a)], label=VE_CLASSES[int(y)]) for i, (a, y) in enumerate(zip(preds, labels))]
+    out = accuracy_by_group({'m': p}, records, lambda r: r['label'])['m']
+    return dict(out, all=dict(acc=round(100 * (preds == labels).float().mean().item(), 2), n=len(labels)))
 
 
 def main():
@@ -62,8 +63,7 @@ def main():
     if run_cfg['extra_hypotheses']: train += extra_ve_records(root, run_cfg['extra_hypotheses'], 'train')
     val = read_records(root / 've_val.json') + (extra_ve_records(root, args.val_extra, 'val') if args.val_extra else [])
     tf = build_transform('val', run_cfg['image_size'])
-    sets = {'train (seen)': statements(train, ops, args.n_train), 'val (unseen images)': statements(val, ops)}
-    sets = {k: VEDataset(v, root, tf, split='val') for k, v in sets.items()}
+    sets = {'train (seen)': statements(train, root, tf, ops, args.n_train), 'val (unseen images)': statements(val, root, tf, ops)}
     models = [m for m in ('ve', 'blind') if os.path.isdir(os.path.join(args.run, m))]
     metrics, rows = dict(ops=ops, n={k: len(v) for k, v in sets.items()}, scores={}), []
     for m in models:
@@ -74,7 +74,7 @@ def main():
             model.load_state_dict(load_checkpoint(ck)['model'])
             for name, ds in sets.items():
                 p = predict_ve(model, ds, tok, batch_size=64, progress=False)
-                s = per_label(p['preds'], p['labels'])
+                s = per_label(p['preds'], p['labels'], ds.records)
                 metrics['scores'][f'{m} / {stage} / {name}'] = s
                 rows.append(dict(model=m, after=f"{stage} ({json.loads((ck / 'meta.json').read_text())['step']} steps)", statements=name,
                                  **{f'{c} right': s[c]['acc'] for c in ('entailment', 'contradiction', 'neutral') if c in s}, all=s['all']['acc']))
