@@ -38,8 +38,8 @@ def ve_statement_kind(record: dict) -> str | None:
     return f"{p['op']} / {record['label']}" if isinstance(p, dict) and 'op' in p else None
 
 def ve_statements(dataset, ops) -> VEDataset:
-    """The training hypotheses of `dataset` whose synthetic program op is in `ops` (e.g. `['exist']`), as a new
-    `VEDataset` with the same images and transform: the data of a curriculum's first stage."""
+    """The hypotheses of `dataset` whose synthetic program op is in `ops` (e.g. `['exist']`), as a new `VEDataset`
+    with the same images and transform: the data of a curriculum's first stage, or the eval statements it is scored on."""
     ops = [o.strip() for o in (ops.split(',') if isinstance(ops, str) else ops) if o.strip()]
     if not ops: raise ValueError('ve_statements: no statement kinds given (e.g. ops="exist")')
     if not any(isinstance(r.get('program'), dict) for r in dataset.records):
