@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..models.bert import BertForMaskedLM, bert_config
 from ..models.vision import VisionEncoder, vision_config
 from ..losses import (ITCLoss, FeatureQueue, clamp_temp_, sample_hard_negatives, itm_pairs, itm_labels, mask_tokens,
-                         MLMLoss, copy_params, momentum_update, alpha_ramp)
+                         MLMLoss, copy_params, momentum_update, alpha_ramp, box_losses, BoxLossOutput)
 
 # %% auto #0
 __all__ = ['ALBEF_PRESETS', 'ALBEFConfig', 'albef_config', 'ALBEFOutput', 'ALBEF', 'build_albef']
@@ -36,6 +36,7 @@ class ALBEFConfig:
     distill: bool = True                 # momentum distillation on; False = no momentum encoders, no queue (X-VLM style)
     mlm_probability: float = 0.15
     max_length: int = 25                 # text length used by the pre-training collate
+    bbox_weight: float = 0.0             # X-VLM's box loss on region phrases (see below), weighted; 0 = off (ALBEF)
 
 ALBEF_PRESETS = {
     'tiny': dict(vision=vision_config('tiny'), text=dict(preset='tiny'), embed_dim=64, queue_size=1024),
@@ -55,14 +56,17 @@ def albef_config(preset: str = 'tiny', **overrides) -> ALBEFConfig:
 # %% ../../nbs/20_methods.albef.ipynb #3ad3ac5e
 @dataclass
 class ALBEFOutput:
-    """Pre-training outputs: `loss = loss_itc + loss_itm + loss_mlm` (during the ITC warm-up `loss = loss_itc`, the other two
-    computed without gradient for the log) and the parts; `alpha` used this step; `itm_acc` on the 3B pairs."""
+    """Pre-training outputs: `loss = loss_itc + loss_itm + loss_mlm [+ bbox_weight (loss_bbox + loss_giou)]` (during the ITC
+    warm-up `loss = loss_itc`, the others computed without gradient for the log) and the parts; `alpha` used this step;
+    `itm_acc` on the 3B pairs. The box parts are None unless the model has a box head (`bbox_weight > 0`)."""
     loss: torch.Tensor
     loss_itc: torch.Tensor
     loss_itm: torch.Tensor
     loss_mlm: torch.Tensor
     alpha: float = 0.0
     itm_acc: torch.Tensor | None = None
+    loss_bbox: torch.Tensor | None = None
+    loss_giou: torch.Tensor | None = None
 
 # %% ../../nbs/20_methods.albef.ipynb #b469a0c7
 class ALBEF(nn.Module):
@@ -76,12 +80,14 @@ class ALBEF(nn.Module):
     - ITM: fusion layers over B positives + B (text, hard negative image) + B (hard negative text, image) pairs,
       `CE(itm_head(CLS), [1]*B + [0]*2B)`.
     - MLM: 15% masking, all BERT layers with cross-attention to the image, `(1-α) CE + α soft CE(teacher)`.
+    - Box (X-VLM's, only with `bbox_weight > 0`): `bbox_head` regresses each region phrase's box from the fused `[CLS]` of
+      (whole image, phrase); `loss += bbox_weight · (L_bbox + L_giou)` (`box_loss`).
     """
     def __init__(self, visual_encoder: nn.Module, text_encoder: BertForMaskedLM, embed_dim: int = 256,
                  queue_size: int = 65536, momentum: float = 0.995, temp: float = 0.07, alpha: float = 0.4,
                  alpha_warmup_steps: int = 0, distill: bool = True, mlm_probability: float = 0.15,
                  mask_token_id: int = 4, pad_token_id: int = 0, cls_token_id: int = 2, itc_warmup_steps: int = 0,
-                 itc_pool: str = 'cls'):
+                 itc_pool: str = 'cls', bbox_weight: float = 0.0):
         super().__init__()
         self.visual_encoder, self.text_encoder = visual_encoder, text_encoder
         vw, tw = visual_encoder.embed_dim, text_encoder.config.hidden_size
@@ -97,6 +103,9 @@ class ALBEF(nn.Module):
         self.mlm_probability = mlm_probability
         self.mask_token_id, self.pad_token_id, self.cls_token_id = mask_token_id, pad_token_id, cls_token_id
         self.itc, self.mlm = ITCLoss(), MLMLoss()
+        self.bbox_weight = bbox_weight
+        if bbox_weight > 0:   # X-VLM's build_mlp: Linear(d, 2d), LayerNorm, GELU, Linear(2d, 4) (its key indices 0, 1, 3)
+            self.bbox_head = nn.Sequential(nn.Linear(tw, 2 * tw), nn.LayerNorm(2 * tw), nn.GELU(), nn.Linear(2 * tw, 4))
         self.register_buffer('step', torch.zeros((), dtype=torch.long))   # training forwards so far (drives the alpha ramp)
         if distill:
             self.visual_encoder_m, self.text_encoder_m = copy.deepcopy(visual_encoder), copy.deepcopy(text_encoder)
@@ -152,6 +161,21 @@ class ALBEF(nn.Module):
         "ITM logits (B, 2) of fused pairs; `[:, 1]` is the match score used to rerank retrieval candidates."
         return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds, image_atts)[:, 0])
 
+    def predict_bbox(self, image_embeds, input_ids, attention_mask):
+        "X-VLM's text → box: `sigmoid(bbox_head(CLS))` of the fused (whole image, phrase) pair, a normalised `(cx, cy, w, h)` (B, 4)."
+        h, _ = self.encode_text(input_ids, attention_mask)
+        return self.bbox_head(self.fuse(h, attention_mask, image_embeds)[:, 0]).sigmoid()
+
+    def box_loss(self, batch: dict, image_embeds) -> BoxLossOutput:
+        """X-VLM's box losses of the batch's region phrases (`region_input_ids`, `region_attention_mask`) against their boxes
+        `region_bbox_cxcywh`, over the records whose `region_valid` is true (`vlnb.losses.box_losses`):
+        `L_bbox = Σ_n Σ_c |p_nc - t_nc| / N_r`, `L_giou = Σ_n (1 - GIoU_n) / N_r`."""
+        need = ('region_input_ids', 'region_attention_mask', 'region_bbox_cxcywh', 'region_valid')
+        missing = [k for k in need if k not in batch]
+        if missing: raise KeyError(f'bbox_weight > 0 needs region phrases in the batch (PretrainDataset(regions=True)); missing {missing}')
+        pred = self.predict_bbox(image_embeds, batch['region_input_ids'], batch['region_attention_mask'])
+        return box_losses(pred, batch['region_bbox_cxcywh'].to(pred.dtype), is_image=~batch['region_valid'].bool())
+
     # -- pre-training forward ---------------------------------------------------------------------------------
     def forward(self, batch: dict, alpha: float | None = None, generator: torch.Generator | None = None) -> ALBEFOutput:
         image, ids, att = batch['image'], batch['input_ids'], batch['attention_mask']
@@ -191,10 +215,13 @@ class ALBEF(nn.Module):
                 with torch.no_grad():
                     mlm_logits_m = self.text_encoder_m(masked, att, encoder_hidden_states=image_embeds_m, mode='multimodal').logits
             loss_mlm = self.mlm(mlm_logits, mlm_labels, mlm_logits_m, alpha if mlm_logits_m is not None else 0.0)
+            box = self.box_loss(batch, image_embeds) if self.bbox_weight > 0 else None
         if distill and self.training: self.queue.enqueue(img_m, txt_m, idx)
         with torch.no_grad(): itm_acc = (logits.argmax(1) == labels).float().mean()
         loss = itc.loss if warm else itc.loss + loss_itm + loss_mlm
-        return ALBEFOutput(loss, itc.loss, loss_itm, loss_mlm, float(alpha) if distill else 0.0, itm_acc)
+        if box is not None and not warm: loss = loss + self.bbox_weight * (box.loss_bbox + box.loss_giou)
+        return ALBEFOutput(loss, itc.loss, loss_itm, loss_mlm, float(alpha) if distill else 0.0, itm_acc,
+                           *(box if box is not None else (None, None)))
 
 # %% ../../nbs/20_methods.albef.ipynb #c208fb19
 def build_albef(cfg: ALBEFConfig | str = 'tiny', tokenizer=None, **overrides) -> ALBEF:
@@ -221,4 +248,5 @@ def build_albef(cfg: ALBEFConfig | str = 'tiny', tokenizer=None, **overrides) ->
             raise ValueError(f'tokenizer has {len(tokenizer)} tokens but the text encoder only {txt.config.vocab_size}')
     return ALBEF(vis, txt, embed_dim=cfg.embed_dim, queue_size=cfg.queue_size, momentum=cfg.momentum, temp=cfg.temp,
                  alpha=cfg.alpha, alpha_warmup_steps=cfg.alpha_warmup_steps, distill=cfg.distill,
-                 mlm_probability=cfg.mlm_probability, itc_warmup_steps=cfg.itc_warmup_steps, itc_pool=cfg.itc_pool, **ids)
+                 mlm_probability=cfg.mlm_probability, itc_warmup_steps=cfg.itc_warmup_steps, itc_pool=cfg.itc_pool,
+                 bbox_weight=cfg.bbox_weight, **ids)
