@@ -189,3 +189,28 @@ def test_short_pretraining_beats_untrained(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"text\.hidden_dropout_prob \(run 0\.1, now 0\.0\)"): load_pretrain_run(run_dir)
     del mj['model_config']; mp.write_text(json.dumps(mj))
     with pytest.warns(UserWarning, match='made before runs recorded'): load_pretrain_run(run_dir)
+
+
+def test_pretrain_region_objectives(tmp_path, monkeypatch):
+    """bbox_weight and region_itc_weight > 0 add X-VLM's box loss and region ITC to the pre-training: the recipe reads the
+    region phrases, logs `loss_bbox`, `loss_giou` and `loss_ritc` (the L1 part and the region ITC fall from their random
+    start), and the run loads back with its box head. The cache key of a run at the default 0 is the one it had before
+    these parameters existed; any other weight is a new key."""
+    import inspect, torch
+    from vlnb.recipes.pretrain import run_pretrain, load_pretrain_run, pretrain_cache_dir
+    from vlnb.train import read_log
+    monkeypatch.setenv('VLNB_CACHE', str(tmp_path / 'cache'))
+    threads = torch.get_num_threads()
+    try: r = run_pretrain(n_images=60, max_steps=60, itc_warmup=10, batch_size=8, eval_max_images=20, k_test=0, lr=5e-4,
+                          log_every=10, bbox_weight=1.0, region_itc_weight=1.0, out_dir=str(tmp_path / 'run'))
+    finally: torch.set_num_threads(threads)
+    rows = read_log(tmp_path / 'run' / 'log.jsonl', 'train')
+    assert all(k in x for x in rows for k in ('loss_bbox', 'loss_giou', 'loss_ritc')), rows[0]
+    for k in ('loss_bbox', 'loss_ritc'): assert rows[-1][k] < rows[0][k], (k, rows[0], rows[-1])
+    loaded = load_pretrain_run(tmp_path / 'run')['model']
+    assert (loaded.bbox_weight, loaded.region_itc_weight) == (1.0, 1.0)
+    assert torch.equal(loaded.bbox_head[3].weight, r['model'].bbox_head[3].weight.cpu())
+    base = {k: v.default for k, v in inspect.signature(run_pretrain).parameters.items()}
+    for k in ('bbox_weight', 'region_itc_weight'):
+        assert pretrain_cache_dir(base) == pretrain_cache_dir({q: v for q, v in base.items() if q != k})
+        assert pretrain_cache_dir(dict(base, **{k: 1.0})) != pretrain_cache_dir(base)

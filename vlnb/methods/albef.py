@@ -4,7 +4,7 @@
 
 # %% ../../nbs/20_methods.albef.ipynb #05478f70
 from __future__ import annotations
-import contextlib, copy
+import contextlib, copy, math
 from dataclasses import dataclass, field, asdict
 import torch
 import torch.nn as nn
@@ -37,6 +37,7 @@ class ALBEFConfig:
     mlm_probability: float = 0.15
     max_length: int = 25                 # text length used by the pre-training collate
     bbox_weight: float = 0.0             # X-VLM's box loss on region phrases (see below), weighted; 0 = off (ALBEF)
+    region_itc_weight: float = 0.0       # X-VLM's region-phrase contrast (see below), weighted; 0 = off (ALBEF)
 
 ALBEF_PRESETS = {
     'tiny': dict(vision=vision_config('tiny'), text=dict(preset='tiny'), embed_dim=64, queue_size=1024),
@@ -56,9 +57,10 @@ def albef_config(preset: str = 'tiny', **overrides) -> ALBEFConfig:
 # %% ../../nbs/20_methods.albef.ipynb #3ad3ac5e
 @dataclass
 class ALBEFOutput:
-    """Pre-training outputs: `loss = loss_itc + loss_itm + loss_mlm [+ bbox_weight (loss_bbox + loss_giou)]` (during the ITC
-    warm-up `loss = loss_itc`, the others computed without gradient for the log) and the parts; `alpha` used this step;
-    `itm_acc` on the 3B pairs. The box parts are None unless the model has a box head (`bbox_weight > 0`)."""
+    """Pre-training outputs: `loss = loss_itc + loss_itm + loss_mlm [+ bbox_weight (loss_bbox + loss_giou)]
+    [+ region_itc_weight loss_ritc]` (during the ITC warm-up `loss = loss_itc [+ region_itc_weight loss_ritc]`, the others
+    computed without gradient for the log) and the parts; `alpha` used this step; `itm_acc` on the 3B pairs. The region
+    parts are None when their weight is 0."""
     loss: torch.Tensor
     loss_itc: torch.Tensor
     loss_itm: torch.Tensor
@@ -67,6 +69,13 @@ class ALBEFOutput:
     itm_acc: torch.Tensor | None = None
     loss_bbox: torch.Tensor | None = None
     loss_giou: torch.Tensor | None = None
+    loss_ritc: torch.Tensor | None = None
+
+_REGION_KEYS = ('region_input_ids', 'region_attention_mask', 'region_bbox_cxcywh', 'region_valid')
+
+def _need_regions(batch: dict, what: str):
+    missing = [k for k in _REGION_KEYS if k not in batch]
+    if missing: raise KeyError(f'{what} > 0 needs region phrases in the batch (PretrainDataset(regions=True)); missing {missing}')
 
 # %% ../../nbs/20_methods.albef.ipynb #b469a0c7
 class ALBEF(nn.Module):
@@ -82,12 +91,14 @@ class ALBEF(nn.Module):
     - MLM: 15% masking, all BERT layers with cross-attention to the image, `(1-α) CE + α soft CE(teacher)`.
     - Box (X-VLM's, only with `bbox_weight > 0`): `bbox_head` regresses each region phrase's box from the fused `[CLS]` of
       (whole image, phrase); `loss += bbox_weight · (L_bbox + L_giou)` (`box_loss`).
+    - Region ITC (X-VLM's, only with `region_itc_weight > 0`): in-batch ITC between each region's feature (the mean of the
+      patch tokens its box touches, `region_features`) and its phrase's text feature; `loss += region_itc_weight · L_ritc`.
     """
     def __init__(self, visual_encoder: nn.Module, text_encoder: BertForMaskedLM, embed_dim: int = 256,
                  queue_size: int = 65536, momentum: float = 0.995, temp: float = 0.07, alpha: float = 0.4,
                  alpha_warmup_steps: int = 0, distill: bool = True, mlm_probability: float = 0.15,
                  mask_token_id: int = 4, pad_token_id: int = 0, cls_token_id: int = 2, itc_warmup_steps: int = 0,
-                 itc_pool: str = 'cls', bbox_weight: float = 0.0):
+                 itc_pool: str = 'cls', bbox_weight: float = 0.0, region_itc_weight: float = 0.0):
         super().__init__()
         self.visual_encoder, self.text_encoder = visual_encoder, text_encoder
         vw, tw = visual_encoder.embed_dim, text_encoder.config.hidden_size
@@ -103,7 +114,7 @@ class ALBEF(nn.Module):
         self.mlm_probability = mlm_probability
         self.mask_token_id, self.pad_token_id, self.cls_token_id = mask_token_id, pad_token_id, cls_token_id
         self.itc, self.mlm = ITCLoss(), MLMLoss()
-        self.bbox_weight = bbox_weight
+        self.bbox_weight, self.region_itc_weight = bbox_weight, region_itc_weight
         if bbox_weight > 0:   # X-VLM's build_mlp: Linear(d, 2d), LayerNorm, GELU, Linear(2d, 4) (its key indices 0, 1, 3)
             self.bbox_head = nn.Sequential(nn.Linear(tw, 2 * tw), nn.LayerNorm(2 * tw), nn.GELU(), nn.Linear(2 * tw, 4))
         self.register_buffer('step', torch.zeros((), dtype=torch.long))   # training forwards so far (drives the alpha ramp)
@@ -170,11 +181,37 @@ class ALBEF(nn.Module):
         """X-VLM's box losses of the batch's region phrases (`region_input_ids`, `region_attention_mask`) against their boxes
         `region_bbox_cxcywh`, over the records whose `region_valid` is true (`vlnb.losses.box_losses`):
         `L_bbox = Σ_n Σ_c |p_nc - t_nc| / N_r`, `L_giou = Σ_n (1 - GIoU_n) / N_r`."""
-        need = ('region_input_ids', 'region_attention_mask', 'region_bbox_cxcywh', 'region_valid')
-        missing = [k for k in need if k not in batch]
-        if missing: raise KeyError(f'bbox_weight > 0 needs region phrases in the batch (PretrainDataset(regions=True)); missing {missing}')
+        _need_regions(batch, 'bbox_weight')
         pred = self.predict_bbox(image_embeds, batch['region_input_ids'], batch['region_attention_mask'])
         return box_losses(pred, batch['region_bbox_cxcywh'].to(pred.dtype), is_image=~batch['region_valid'].bool())
+
+    def region_features(self, image_embeds, boxes, prefix: int = 1):
+        """X-VLM's region features: the mean of the patch tokens each box touches, projected and L2-normalised like the image
+        feature, (B, embed_dim), and the (B, N) patch masks. `boxes` (B, 4) are normalised `(cx, cy, w, h)`; on the g × g patch
+        grid a box touches columns `floor(g·x0) .. ceil(g·x1) - 1` and likewise rows (X-VLM's `floor(x/32)..ceil((x+w)/32)`)."""
+        patches = image_embeds[:, prefix:]
+        B, N, _ = patches.shape; g = math.isqrt(N)
+        if g * g != N: raise ValueError(f'region features need a square patch grid, got {N} patch tokens')
+        cx, cy, w, h = boxes.float().unbind(-1)
+        ar = torch.arange(g, device=boxes.device)
+        span = lambda lo, hi: (ar >= (lo * g).floor()[:, None]) & (ar < (hi * g).ceil().clamp(min=(lo * g).floor() + 1)[:, None])
+        mask = (span(cy - h / 2, cy + h / 2)[:, :, None] & span(cx - w / 2, cx + w / 2)[:, None, :]).reshape(B, N).to(patches.dtype)
+        feat = (patches * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return F.normalize(self.vision_proj(feat), dim=-1), mask
+
+    def region_itc_loss(self, batch: dict, image_embeds):
+        """X-VLM's region ITC, in-batch: `vlnb.losses.ITCLoss` between the region features (`region_features`) and the phrase
+        features (`encode_text` of `region_input_ids`) of the records whose `region_valid` is true; records with the same phrase
+        count as positives of each other (as same-image captions do). 0 with fewer than two valid regions."""
+        _need_regions(batch, 'region_itc_weight')
+        v = batch['region_valid'].bool()
+        if int(v.sum()) < 2: return image_embeds.new_zeros(())
+        prefix = getattr(self.visual_encoder, 'num_prefix_tokens', 1)
+        reg, _ = self.region_features(image_embeds[v], batch['region_bbox_cxcywh'][v], prefix=prefix)
+        _, txt = self.encode_text(batch['region_input_ids'][v], batch['region_attention_mask'][v])
+        texts = [t for t, keep in zip(batch['region_text'], v.tolist()) if keep] if 'region_text' in batch else None
+        ids = torch.tensor([texts.index(t) for t in texts], device=reg.device) if texts is not None else None
+        return self.itc(reg, txt, self.temp, idx=ids).loss
 
     # -- pre-training forward ---------------------------------------------------------------------------------
     def forward(self, batch: dict, alpha: float | None = None, generator: torch.Generator | None = None) -> ALBEFOutput:
@@ -216,12 +253,14 @@ class ALBEF(nn.Module):
                     mlm_logits_m = self.text_encoder_m(masked, att, encoder_hidden_states=image_embeds_m, mode='multimodal').logits
             loss_mlm = self.mlm(mlm_logits, mlm_labels, mlm_logits_m, alpha if mlm_logits_m is not None else 0.0)
             box = self.box_loss(batch, image_embeds) if self.bbox_weight > 0 else None
+        ritc = self.region_itc_loss(batch, image_embeds) if self.region_itc_weight > 0 else None   # trains in the warm-up too
         if distill and self.training: self.queue.enqueue(img_m, txt_m, idx)
         with torch.no_grad(): itm_acc = (logits.argmax(1) == labels).float().mean()
         loss = itc.loss if warm else itc.loss + loss_itm + loss_mlm
         if box is not None and not warm: loss = loss + self.bbox_weight * (box.loss_bbox + box.loss_giou)
+        if ritc is not None: loss = loss + self.region_itc_weight * ritc
         return ALBEFOutput(loss, itc.loss, loss_itm, loss_mlm, float(alpha) if distill else 0.0, itm_acc,
-                           *(box if box is not None else (None, None)))
+                           *(box if box is not None else (None, None)), ritc)
 
 # %% ../../nbs/20_methods.albef.ipynb #c208fb19
 def build_albef(cfg: ALBEFConfig | str = 'tiny', tokenizer=None, **overrides) -> ALBEF:
@@ -249,4 +288,4 @@ def build_albef(cfg: ALBEFConfig | str = 'tiny', tokenizer=None, **overrides) ->
     return ALBEF(vis, txt, embed_dim=cfg.embed_dim, queue_size=cfg.queue_size, momentum=cfg.momentum, temp=cfg.temp,
                  alpha=cfg.alpha, alpha_warmup_steps=cfg.alpha_warmup_steps, distill=cfg.distill,
                  mlm_probability=cfg.mlm_probability, itc_warmup_steps=cfg.itc_warmup_steps, itc_pool=cfg.itc_pool,
-                 bbox_weight=cfg.bbox_weight, **ids)
+                 bbox_weight=cfg.bbox_weight, region_itc_weight=cfg.region_itc_weight, **ids)

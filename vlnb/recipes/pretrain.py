@@ -42,7 +42,7 @@ def pretrain_data(root, tokenizer, image_size: int, augment: str = 'flip', eval_
 # %% ../../nbs/pretrain.ipynb #85987e4a
 def run_pretrain(method='albef', preset='tiny', text_encoder=None, vision_encoder=None, data_root=None, n_images=3000, image_size=64, vocab_size=1000,
                  batch_size=32, max_steps=600, lr=1e-3, weight_decay=0.02, warmup_steps=0.05, min_lr=1e-5, temp=0.3,
-                 itc_pool='mean', itc_warmup=100, distill=False, bbox_weight=0.0, queue_size=1024, augment='flip', k_test=16,
+                 itc_pool='mean', itc_warmup=100, distill=False, bbox_weight=0.0, region_itc_weight=0.0, queue_size=1024, augment='flip', k_test=16,
                  eval_max_images=200, mixed_precision='bf16', num_workers=0, log_every=10, save_every=0, resume=False, seed=0,
                  out_dir='runs/pretrain', show=False) -> dict:
     "Run the pre-training recipe; returns `dict(metrics, run_dir, model, tokenizer, trainer)`."
@@ -54,9 +54,10 @@ def run_pretrain(method='albef', preset='tiny', text_encoder=None, vision_encode
     seed_everything(seed)                                              # every rank builds the same initial model
     root = synth_root(n_images, image_size, seed, data_root)
     tok = recipe_tokenizer(root, vocab_size, text_encoder)
-    train, collate, val = pretrain_data(root, tok, image_size, augment, eval_max_images, seed, regions=bbox_weight > 0)
+    train, collate, val = pretrain_data(root, tok, image_size, augment, eval_max_images, seed, regions=bbox_weight > 0 or region_itc_weight > 0)
     model = build_model(method, preset, tok, image_size, text_encoder, vision_encoder, queue_size=queue_size, temp=temp, itc_pool=itc_pool,
-                        itc_warmup_steps=itc_warmup, distill=distill, bbox_weight=bbox_weight)
+                        itc_warmup_steps=itc_warmup, distill=distill, bbox_weight=bbox_weight,
+                        region_itc_weight=region_itc_weight)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     loader = EpochLoader(train, batch_size, shuffle=True, seed=seed, collate_fn=collate, drop_last=True, num_workers=num_workers)
     model.alpha_warmup_steps = min(len(loader), max(max_steps - itc_warmup, 1))   # ALBEF ramps alpha over the first epoch
@@ -88,8 +89,8 @@ def run_pretrain(method='albef', preset='tiny', text_encoder=None, vision_encode
 # %% ../../nbs/pretrain.ipynb #dce0ceb4
 _RUN_KEYS = ('method', 'preset', 'text_encoder', 'data_root', 'n_images', 'image_size', 'vocab_size', 'batch_size', 'max_steps',
              'lr', 'weight_decay', 'warmup_steps', 'min_lr', 'temp', 'itc_pool', 'itc_warmup', 'distill', 'queue_size', 'augment', 'seed')
-_OLD_DEFAULTS = dict(temp=0.07, itc_pool='cls', itc_warmup=0, distill=True, vision_encoder=None, bbox_weight=0.0)   # runs made before these parameters existed
-_OPT_KEYS = ('vision_encoder', 'bbox_weight')   # run keys hashed only when not at their default (older cache keys stay valid)
+_OLD_DEFAULTS = dict(temp=0.07, itc_pool='cls', itc_warmup=0, distill=True, vision_encoder=None, bbox_weight=0.0, region_itc_weight=0.0)   # runs made before these parameters existed
+_OPT_KEYS = ('vision_encoder', 'bbox_weight', 'region_itc_weight')   # run keys hashed only when not at their default (older cache keys stay valid)
 
 def load_pretrain_run(run_dir) -> dict:
     "Rebuild the model of a finished pre-training run folder and load its latest checkpoint: `dict(model, tokenizer, root, params, metrics)`."
@@ -101,7 +102,8 @@ def load_pretrain_run(run_dir) -> dict:
     root = synth_root(p['n_images'], p['image_size'], p['seed'], p['data_root'])
     tok = recipe_tokenizer(root, p['vocab_size'], p['text_encoder'])
     model = build_model(p['method'], p['preset'], tok, p['image_size'], p['text_encoder'], queue_size=p['queue_size'], temp=p['temp'],
-                        itc_pool=p['itc_pool'], itc_warmup_steps=p['itc_warmup'], distill=p['distill'], bbox_weight=p['bbox_weight'])
+                        itc_pool=p['itc_pool'], itc_warmup_steps=p['itc_warmup'], distill=p['distill'], bbox_weight=p['bbox_weight'],
+                        region_itc_weight=p['region_itc_weight'])
     model.load_state_dict(load_checkpoint(run_dir)['model'])
     metrics = load_json(run_dir / 'metrics.json') if (run_dir / 'metrics.json').exists() else {}
     _warn_if_preset_changed(run_dir, metrics, p['method'], p['preset'])
@@ -116,7 +118,7 @@ def preset_fingerprint(method: str = 'albef', preset: str = 'tiny') -> dict:
     if method not in METHODS: raise ValueError(f'unknown method {method!r}; choose one of {list(METHODS)}')
     try: cfg = dataclasses.asdict(albef_config(preset))
     except ValueError: return dict(preset=preset)
-    cfg.pop('bbox_weight')   # an objective the run sets (`run_pretrain`'s bbox_weight, a run key), not part of the preset
+    for k in ('bbox_weight', 'region_itc_weight'): cfg.pop(k)   # objectives the run sets (run keys of `run_pretrain`), not the preset's
     text = bert_config(**cfg['text']).to_diff_dict(); text.pop('transformers_version', None)
     return json.loads(json.dumps(dict(cfg, text=text), sort_keys=True, default=str))
 
@@ -207,7 +209,8 @@ def pretrained_model(pretrain_checkpoint=None, text_encoder=None, out_dir=None, 
 def main(method: str = 'albef', preset: str = 'tiny', text_encoder: str = None, vision_encoder: str = None, data_root: str = None, n_images: int = 3000,
          image_size: int = 64, vocab_size: int = 1000, batch_size: int = 32, max_steps: int = 600, lr: float = 1e-3,
          weight_decay: float = 0.02, warmup_steps: float = 0.05, min_lr: float = 1e-5, temp: float = 0.3,
-         itc_pool: str = 'mean', itc_warmup: int = 100, distill: bool = False, bbox_weight: float = 0.0, queue_size: int = 1024,
+         itc_pool: str = 'mean', itc_warmup: int = 100, distill: bool = False, bbox_weight: float = 0.0, region_itc_weight: float = 0.0,
+         queue_size: int = 1024,
          augment: str = 'flip', k_test: int = 16, eval_max_images: int = 200, mixed_precision: str = 'bf16',
          num_workers: int = 0, log_every: int = 10, save_every: int = 0, resume: bool = False, seed: int = 0,
          out_dir: str = 'runs/pretrain'):
