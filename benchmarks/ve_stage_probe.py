@@ -2,7 +2,8 @@
 
 A `train_ve` run with `curriculum_steps` keeps two checkpoints per model: the end of the curriculum stage
 (`<model>/curriculum/checkpoints`) and the end of the full mix (`<model>/checkpoints`). This probe rebuilds the run's
-models from its `config.json` (the pre-training comes from the shared cache, as in the recipe), loads each checkpoint and
+models from its `config.json` (the pre-training from its `pretrain_checkpoint`, else from the shared cache, as in the
+recipe), loads each checkpoint and
 scores the `--ops` statements (default: `exist`) per true label, on training statements the run saw and on val
 statements of unseen images: the val split's own plus `--val-extra` more per val image drawn from the scene graphs
 (`extra_ve_records`, the same generator as the training hypotheses), so that the rare false statements are counted in
@@ -50,13 +51,12 @@ def main():
     args = ap.parse_args()
     run_cfg = json.loads(open(os.path.join(args.run, 'config.json')).read())['params']
     if not run_cfg.get('curriculum_steps'): raise SystemExit(f'{args.run}: not a curriculum run (curriculum_steps is 0)')
-    if run_cfg.get('pretrain_checkpoint') or run_cfg.get('data_root'):
-        raise SystemExit(f'{args.run}: this probe rebuilds runs on the synthetic data with the cached pre-training only')
+    if run_cfg.get('data_root'): raise SystemExit(f'{args.run}: this probe rebuilds runs on the synthetic data only')
     ops = [o.strip() for o in args.ops.split(',') if o.strip()]
     os.makedirs(args.out_dir, exist_ok=True)
     save_json(capture_config(dict(vars(args), run_params=run_cfg)), os.path.join(args.out_dir, 'config.json'))
     keys = ('method', 'preset', 'data_root', 'n_images', 'image_size', 'vocab_size', 'seed')   # as the recipe passes them
-    pre = pretrained_model(None, run_cfg['text_encoder'], max_steps=run_cfg['pretrain_steps'],
+    pre = pretrained_model(run_cfg.get('pretrain_checkpoint'), run_cfg['text_encoder'], max_steps=run_cfg['pretrain_steps'],
                            mixed_precision=run_cfg['mixed_precision'], **{k: run_cfg[k] for k in keys})
     tok, root = pre['tokenizer'], synth_root(run_cfg['n_images'], run_cfg['image_size'], run_cfg['seed'], None)
     train = read_records(root / 've_train.json')
