@@ -210,7 +210,8 @@ class ALBEF(nn.Module):
         reg, _ = self.region_features(image_embeds[v], batch['region_bbox_cxcywh'][v], prefix=prefix)
         _, txt = self.encode_text(batch['region_input_ids'][v], batch['region_attention_mask'][v])
         texts = [t for t, keep in zip(batch['region_text'], v.tolist()) if keep] if 'region_text' in batch else None
-        ids = torch.tensor([texts.index(t) for t in texts], device=reg.device) if texts is not None else None
+        first = {}
+        ids = torch.tensor([first.setdefault(t, len(first)) for t in texts], device=reg.device) if texts is not None else None
         return self.itc(reg, txt, self.temp, idx=ids).loss
 
     # -- pre-training forward ---------------------------------------------------------------------------------
